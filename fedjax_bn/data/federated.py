@@ -1,0 +1,201 @@
+"""The federated data set type (clients stacked and zero-padded) and on-device batching."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class ClientArrays:
+    """Per-client arrays stacked along a leading client axis, zero-padded to ``N_max``."""
+
+    x: jax.Array  # [C, N_max, H, W, Ch], any dtype, zero past each client's size
+    y: jax.Array  # [C, N_max] int32, zero past each client's size
+    n: jax.Array  # [C] int32 true sizes
+
+
+@flax.struct.dataclass
+class FederatedData:
+    """Train and test arrays of every client, plus static metadata."""
+
+    train: ClientArrays
+    test: ClientArrays
+    num_classes: int = flax.struct.field(pytree_node=False)
+    domains: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+
+    @property
+    def num_clients(self) -> int:
+        """The number of clients C."""
+        return int(self.train.n.shape[0])
+
+    def train_sizes(self) -> np.ndarray:
+        """Host copy of the clients' true train sizes (e.g. for aggregation weights)."""
+        return np.asarray(jax.device_get(self.train.n))
+
+
+def stack_clients(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> ClientArrays:
+    """Stacks per-client (x, y) into padded ``ClientArrays``; N_max >= 1 even if all empty."""
+    if len(xs) != len(ys) or not xs:
+        raise ValueError(
+            f"need the same, non-zero number of x and y arrays, got {len(xs)} and {len(ys)}."
+        )
+    xs = [np.asarray(x) for x in xs]
+    ys = [np.asarray(y) for y in ys]
+    for c, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        if x.shape[0] != y.shape[0] or y.ndim != 1:
+            raise ValueError(f"client {c}: x has {x.shape[0]} rows but y has shape {y.shape}.")
+        if x.shape[1:] != xs[0].shape[1:]:
+            raise ValueError(
+                f"client {c}: example shape {x.shape[1:]} differs from client 0's "
+                f"{xs[0].shape[1:]}; all clients must share one example shape."
+            )
+    n = np.array([x.shape[0] for x in xs], dtype=np.int32)
+    n_max = max(1, int(n.max()))
+    dtype = np.result_type(*[x.dtype for x in xs])
+    x_out = np.zeros((len(xs), n_max, *xs[0].shape[1:]), dtype=dtype)
+    y_out = np.zeros((len(xs), n_max), dtype=np.int32)
+    for c, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        x_out[c, : x.shape[0]] = x
+        y_out[c, : y.shape[0]] = y
+    return ClientArrays(x=jnp.asarray(x_out), y=jnp.asarray(y_out), n=jnp.asarray(n))
+
+
+def _check_parts(parts: Sequence[np.ndarray], num_examples: int, what: str) -> None:
+    """Raises ValueError when a part holds an index outside ``[0, num_examples)``."""
+    for c, part in enumerate(parts):
+        part = np.asarray(part)
+        if part.size and (part.min() < 0 or part.max() >= num_examples):
+            raise ValueError(
+                f"{what} part of client {c} indexes [{part.min()}, {part.max()}], outside "
+                f"[0, {num_examples}); build parts from the same arrays you pass here."
+            )
+
+
+def _check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
+    y = np.asarray(y)
+    bad = y[(y < 0) | (y >= num_classes)]
+    if bad.size:
+        raise ValueError(
+            f"{what} labels must lie in [0, {num_classes}), found values in "
+            f"[{bad.min()}, {bad.max()}]; fix the labels or raise num_classes."
+        )
+
+
+def federate(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    train_parts: Sequence[np.ndarray],
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    test_parts: Sequence[np.ndarray],
+    *,
+    num_classes: int,
+    transforms: Sequence[Callable[[np.ndarray], np.ndarray]] | None = None,
+    domains: tuple[str, ...] = (),
+) -> FederatedData:
+    """Builds ``FederatedData`` from index parts; ``transforms[c]`` maps client c's images.
+
+    Every client needs at least one train example; test parts may be empty.
+    """
+    if len(train_parts) != len(test_parts):
+        raise ValueError(
+            f"got {len(train_parts)} train parts but {len(test_parts)} test parts; "
+            "give one of each per client."
+        )
+    if transforms is not None and len(transforms) != len(train_parts):
+        raise ValueError(f"got {len(transforms)} transforms for {len(train_parts)} clients.")
+    if domains and len(domains) != len(train_parts):
+        raise ValueError(f"got {len(domains)} domain names for {len(train_parts)} clients.")
+    empty = [c for c, p in enumerate(train_parts) if np.asarray(p).size == 0]
+    if empty:
+        raise ValueError(
+            f"clients {empty} have no train examples; every client needs >= 1 (use a "
+            "min_size in the partition, a larger alpha, or fewer clients)."
+        )
+    _check_labels(y_train, num_classes, "train")
+    _check_labels(y_test, num_classes, "test")
+    _check_parts(train_parts, len(x_train), "train")
+    _check_parts(test_parts, len(x_test), "test")
+
+    def split(x, y, parts):
+        xs = [np.asarray(x)[np.asarray(p, dtype=np.int64)] for p in parts]
+        if transforms is not None:
+            xs = [t(xc) for t, xc in zip(transforms, xs, strict=True)]
+        return stack_clients(xs, [np.asarray(y)[np.asarray(p, dtype=np.int64)] for p in parts])
+
+    return FederatedData(
+        train=split(x_train, y_train, train_parts),
+        test=split(x_test, y_test, test_parts),
+        num_classes=num_classes,
+        domains=tuple(domains),
+    )
+
+
+def pooled_test(data: FederatedData) -> tuple[np.ndarray, np.ndarray]:
+    """The union of all clients' unpadded test examples, as host arrays (x, y)."""
+    x, y, n = jax.device_get((data.test.x, data.test.y, data.test.n))
+    x_out = np.concatenate([x[c, : n[c]] for c in range(len(n))])
+    y_out = np.concatenate([y[c, : n[c]] for c in range(len(n))])
+    return x_out, y_out
+
+
+def steps_per_epoch(n_max: int, batch_size: int) -> int:
+    """Batches per epoch of the padded layout: ceil(n_max / batch_size)."""
+    if n_max < 1 or batch_size < 1:
+        raise ValueError(f"n_max and batch_size must be >= 1, got {n_max} and {batch_size}.")
+    return math.ceil(n_max / batch_size)
+
+
+def _epoch_layout(key: jax.Array, n_c: jax.Array, n_max: int, padded: int):
+    """One epoch for one client: (idx [padded], mask [padded]) with valid positions first."""
+    perm = jax.random.permutation(key, n_max)
+    # Stable sort keeps the random order of the valid positions and pushes invalid ones last.
+    order = jnp.argsort(perm >= n_c, stable=True)
+    positions = jnp.arange(n_max)
+    mask = positions < n_c
+    idx = jnp.where(mask, perm[order], 0).astype(jnp.int32)
+    pad = padded - n_max
+    return jnp.pad(idx, (0, pad)), jnp.pad(mask, (0, pad))
+
+
+def round_batches(
+    key: jax.Array, n: jax.Array, n_max: int, batch_size: int, epochs: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per-client shuffled batch indices and masks for one round of local training.
+
+    Returns (idx [C, S, B] int32, mask [C, S, B] bool), S = epochs * ceil(n_max / B). Each
+    epoch visits each of client c's ``n[c]`` examples once; padded slots point at index 0 and
+    are masked. Pure jnp (n_max, batch_size, epochs static), so it jits with the round.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    spe = steps_per_epoch(n_max, batch_size)
+    num_clients = n.shape[0]
+    keys = jax.vmap(lambda k: jax.random.split(k, epochs))(jax.random.split(key, num_clients))
+    layout = jax.vmap(  # over clients
+        jax.vmap(_epoch_layout, in_axes=(0, None, None, None)),  # over epochs
+        in_axes=(0, 0, None, None),
+    )
+    idx, mask = layout(keys, jnp.asarray(n), n_max, spe * batch_size)
+    shape = (num_clients, epochs * spe, batch_size)
+    return idx.reshape(shape), mask.reshape(shape)
+
+
+def valid_steps(n_c: int, n_max: int, batch_size: int, epochs: int) -> np.ndarray:
+    """Host: the steps in [0, S) of ``round_batches`` that hold any example of a size-n_c client."""
+    spe = steps_per_epoch(n_max, batch_size)
+    if not 0 <= n_c <= n_max:
+        raise ValueError(f"n_c must lie in [0, n_max={n_max}], got {n_c}.")
+    real = math.ceil(n_c / batch_size)
+    return np.array([e * spe + j for e in range(epochs) for j in range(real)], dtype=np.int64)
+
+
+def gather_batch(x_N: jax.Array, y_N: jax.Array, idx_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Gathers one batch of a client's examples by index along axis 0."""
+    return jnp.take(x_N, idx_B, axis=0), jnp.take(y_N, idx_B, axis=0)
