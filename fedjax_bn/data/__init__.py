@@ -1,6 +1,12 @@
-"""Data: the digits data set, client partitions, feature-shift domains, federated batching."""
+"""Data: digits and tensorflow-datasets sets, client partitions, feature-shift domains, batching."""
 
-from fedjax_bn.data.builders import digits_feature_shift, digits_iid, digits_label_skew
+from fedjax_bn.data.builders import (
+    digits_feature_shift,
+    digits_iid,
+    digits_label_skew,
+    iid,
+    label_skew,
+)
 from fedjax_bn.data.digits import load_digits
 from fedjax_bn.data.domains import (
     DOMAINS,
@@ -33,10 +39,12 @@ from fedjax_bn.data.partition import (
     iid_partition,
     partition_by_proportions,
 )
+from fedjax_bn.data.tfds import DatasetNotPreparedError, load_tfds, tfds_iid, tfds_label_skew
 
 __all__ = [
     "DOMAINS",
     "ClientArrays",
+    "DatasetNotPreparedError",
     "FederatedData",
     "apply_domain",
     "blur",
@@ -53,7 +61,10 @@ __all__ = [
     "gather_batch",
     "identity",
     "invert",
+    "iid",
     "iid_partition",
+    "label_skew",
+    "load_tfds",
     "load_digits",
     "low_contrast",
     "noise",
@@ -63,5 +74,7 @@ __all__ = [
     "round_batches",
     "stack_clients",
     "steps_per_epoch",
+    "tfds_iid",
+    "tfds_label_skew",
     "valid_steps",
 ]

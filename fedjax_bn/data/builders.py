@@ -1,4 +1,4 @@
-"""Ready-made federated digits data sets: IID, Dirichlet label skew, and feature shift."""
+"""Ready-made federated data sets: generic IID and Dirichlet label skew, and the digits ones."""
 
 from __future__ import annotations
 
@@ -18,17 +18,60 @@ from fedjax_bn.data.partition import (
 NUM_DIGIT_CLASSES = 10
 
 
+def iid(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    num_classes: int,
+    num_clients: int,
+    seed: int,
+) -> FederatedData:
+    """Any (train, test) arrays split IID: each shuffled into near-equal client shares."""
+    return federate(
+        x_train,
+        y_train,
+        iid_partition(len(y_train), num_clients, seed=seed),
+        x_test,
+        y_test,
+        iid_partition(len(y_test), num_clients, seed=seed + 1),
+        num_classes=num_classes,
+    )
+
+
+def label_skew(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    num_classes: int,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    min_size: int = 10,
+) -> FederatedData:
+    """Any (train, test) arrays with Dir(alpha) label skew; test shares follow the train mix.
+
+    Each class's Dir(alpha) row over clients is drawn once (resampled until every client holds
+    >= ``min_size`` train examples) and reused to cut the test set, so a client's test labels
+    follow its train labels. Test clients may be small or empty when the test split is small.
+    """
+    train_parts, proportions = dirichlet_partition_with_proportions(
+        y_train, num_clients, alpha, min_size=min_size, seed=seed, num_classes=num_classes
+    )
+    test_parts = partition_by_proportions(y_test, proportions, seed=seed + 1)
+    return federate(
+        x_train, y_train, train_parts, x_test, y_test, test_parts, num_classes=num_classes
+    )
+
+
 def digits_iid(num_clients: int = 10, *, seed: int = 0) -> FederatedData:
     """Digits split IID: train and test each shuffled into near-equal client shares."""
     x_tr, y_tr, x_te, y_te = load_digits(seed=seed)
-    return federate(
-        x_tr,
-        y_tr,
-        iid_partition(len(y_tr), num_clients, seed=seed),
-        x_te,
-        y_te,
-        iid_partition(len(y_te), num_clients, seed=seed + 1),
-        num_classes=NUM_DIGIT_CLASSES,
+    return iid(
+        x_tr, y_tr, x_te, y_te, num_classes=NUM_DIGIT_CLASSES, num_clients=num_clients, seed=seed
     )
 
 
@@ -40,11 +83,17 @@ def digits_label_skew(
     Test clients may be small or empty: the test split is ~4x smaller than train.
     """
     x_tr, y_tr, x_te, y_te = load_digits(seed=seed)
-    train_parts, proportions = dirichlet_partition_with_proportions(
-        y_tr, num_clients, alpha, min_size=min_size, seed=seed, num_classes=NUM_DIGIT_CLASSES
+    return label_skew(
+        x_tr,
+        y_tr,
+        x_te,
+        y_te,
+        num_classes=NUM_DIGIT_CLASSES,
+        num_clients=num_clients,
+        alpha=alpha,
+        seed=seed,
+        min_size=min_size,
     )
-    test_parts = partition_by_proportions(y_te, proportions, seed=seed + 1)
-    return federate(x_tr, y_tr, train_parts, x_te, y_te, test_parts, num_classes=NUM_DIGIT_CLASSES)
 
 
 def _client_seed(seed: int, client: int) -> int:
