@@ -33,6 +33,30 @@ def normalized_weights(weights_C: Array) -> Array:
     return weights_C / jnp.sum(weights_C)
 
 
+def _path(keys: Any) -> str:
+    return jax.tree_util.keystr(keys, simple=True, separator="/")
+
+
+def check_stacked(stacked: Any, server: Any, num_clients: int) -> None:
+    """Raise a ValueError naming the first leaf where ``stacked`` is not ``server`` stacked
+    ``num_clients`` times (same tree, every leaf ``[num_clients, *server_leaf.shape]``)."""
+    flat_c, def_c = jax.tree_util.tree_flatten_with_path(stacked)
+    flat_s, def_s = jax.tree_util.tree_flatten_with_path(server)
+    if def_c != def_s:
+        have, want = {_path(p) for p, _ in flat_c}, {_path(p) for p, _ in flat_s}
+        raise ValueError(
+            f"Client trees do not match the server tree: missing {sorted(want - have)}, "
+            f"unexpected {sorted(have - want)} (client structure {def_c}, server {def_s})."
+        )
+    for (path, leaf_c), (_, leaf_s) in zip(flat_c, flat_s, strict=True):
+        want_shape = (num_clients, *jnp.shape(leaf_s))
+        if jnp.shape(leaf_c) != want_shape:
+            raise ValueError(
+                f"{_path(path)}: stacked client leaf has shape {jnp.shape(leaf_c)}, expected "
+                f"{want_shape} ([num_clients, *server shape])."
+            )
+
+
 def _mean_leaf(stacked_CX: Array, w_C: Array, server_X: Any) -> Array:
     if is_integer_leaf(stacked_CX):
         return server_X
@@ -47,6 +71,7 @@ def weighted_mean(stacked: Any, weights_C: Array, server: Any) -> Any:
     unchanged (value and dtype), its float leaves are replaced by the mean.
     """
     w_C = normalized_weights(weights_C)
+    check_stacked(stacked, server, w_C.shape[0])
     return jax.tree.map(lambda s, v: _mean_leaf(s, w_C, v), stacked, server)
 
 
@@ -54,8 +79,11 @@ def pooled_moments(mean_CX: Array, var_CX: Array, w_C: Array) -> tuple[Array, Ar
     """Mean and variance of the union of clients' data from per-client moments.
 
     ``mean = sum_k w_k mean_k``; ``var = sum_k w_k (var_k + mean_k^2) - mean^2``. The naive mean of
-    variances misses the spread of client means, exactly what non-IID data has.
+    variances misses the spread of client means, exactly what non-IID data has. ``w_C`` are
+    normalized here, so example counts can be passed directly.
     """
+    w_C = jnp.asarray(w_C, jnp.float32)
+    w_C = w_C / jnp.sum(w_C)
     mean = jnp.tensordot(w_C, mean_CX, axes=1)
     second = jnp.tensordot(w_C, var_CX + jnp.square(mean_CX), axes=1)
     return mean, jnp.maximum(second - jnp.square(mean), 0.0)
@@ -68,6 +96,7 @@ def pool_batch_stats(stacked: Any, weights_C: Array, server: Any) -> Any:
     float leaves get the weighted mean and integer leaves keep the server's value.
     """
     w_C = normalized_weights(weights_C)
+    check_stacked(stacked, server, w_C.shape[0])
     flat, flat_server = flatten(stacked), flatten(server)
     out = {p: _mean_leaf(v, w_C, flat_server[p]) for p, v in flat.items()}
     for path in flat:

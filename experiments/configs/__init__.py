@@ -1,0 +1,1 @@
+"""Experiment configs: ``base.py`` holds the default; every other module overrides it."""

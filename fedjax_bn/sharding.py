@@ -1,0 +1,111 @@
+"""The sharded executor: the client axis split over a ``jax.sharding.Mesh`` of devices.
+
+Each device runs its block of clients with the vmap (or chunked) executor's group function
+under ``jax.shard_map``; aggregation is the same ``server_update``, a weighted mean over the
+sharded client axis that XLA lowers to an all-reduce. A cohort whose size is not a multiple of
+the device count is padded with dummy clients whose results are dropped.
+
+Place the per-client arrays once with :func:`place` so that rounds move no data between
+devices. Several hosts (one process per host):
+
+1. call ``jax.distributed.initialize()`` (coordinator address, process count and id come from
+   the cluster environment or its arguments) before any other JAX call;
+2. build the mesh over every process's devices, ``client_mesh()`` (``jax.devices()`` is
+   global after initialization);
+3. give each process only its clients' data and assemble global arrays with
+   ``jax.make_array_from_process_local_data(client_sharding(mesh), local_block)`` (the client
+   axis is split over processes in device order); replicate the server state with
+   :func:`replicated`;
+4. call the same round function in every process, in the same order, with the same key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fedjax_bn import client as client_lib
+from fedjax_bn.algorithms import ServerState
+from fedjax_bn.cohort import Group
+from fedjax_bn.data import ClientArrays
+from fedjax_bn.vectorized import GroupRunner, Inputs, run_clients
+
+CLIENTS = "clients"
+
+
+def client_mesh(devices: Any = None) -> Mesh:
+    """A 1-D mesh named ``clients`` over ``devices`` (default: every device of every host)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (CLIENTS,))
+
+
+def client_sharding(mesh: Mesh) -> NamedSharding:
+    """Split the leading (client) axis over the mesh."""
+    return NamedSharding(mesh, PartitionSpec(CLIENTS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same full copy on every device of the mesh."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def place(state: ServerState, train: ClientArrays, mesh: Mesh) -> tuple[ServerState, ClientArrays]:
+    """Put per-client arrays on their devices (client axis sharded) and global ones everywhere.
+
+    Needs the number of clients to be a multiple of the mesh size; otherwise leave them where
+    they are (each round then pads and moves them).
+    """
+    num = train.n.shape[0]
+    if num % mesh.size:
+        raise ValueError(
+            f"{num} clients do not split evenly over {mesh.size} devices; pass the arrays "
+            "unplaced (the round pads the cohort) or use a mesh of a divisor of the client count."
+        )
+    split, full = client_sharding(mesh), replicated(mesh)
+    state = ServerState(
+        jax.device_put(state.shared, full),
+        jax.device_put(state.pooled, full),
+        jax.device_put(state.local, split),
+        jax.device_put(state.client_opt, split),
+        jax.device_put(state.round, full),
+    )
+    return state, jax.device_put(train, split)
+
+
+def sharded_runner(
+    mesh: Mesh, alg: Any, loop: client_lib.LocalLoop, chunk_size: int | None
+) -> GroupRunner:
+    """A group function that runs each device's block of clients with ``run_clients``."""
+    spec = PartitionSpec(CLIENTS)
+
+    def run(group: Group, state: ServerState, inputs: Inputs) -> client_lib.ClientResult:
+        inputs = jax.lax.with_sharding_constraint(inputs, client_sharding(mesh))
+        body = jax.shard_map(
+            lambda s, i: run_clients(alg, loop, chunk_size, group, s, i),
+            mesh=mesh,
+            in_specs=(PartitionSpec(), spec),
+            out_specs=spec,
+            # Each device's clients are independent: no collectives. With check_vma=True the
+            # replicated global model would be implicitly pvary'd, and jax.grad (its transpose
+            # is a psum) would sum client gradients across devices.
+            check_vma=False,
+        )
+        return body(state, inputs)
+
+    return run
+
+
+def constrain_state(state: ServerState, mesh: Mesh) -> ServerState:
+    """Keep the new server state laid out as :func:`place` lays it out."""
+    split, full = client_sharding(mesh), replicated(mesh)
+    wsc = jax.lax.with_sharding_constraint
+    return ServerState(
+        wsc(state.shared, full),
+        wsc(state.pooled, full),
+        wsc(state.local, split),
+        wsc(state.client_opt, split),
+        wsc(state.round, full),
+    )
