@@ -40,6 +40,17 @@ SETTINGS: dict[str, SettingBuilder] = {
     ),
     "digits_feature_shift": lambda d, seed: fbd.digits_feature_shift(d.num_clients, seed=seed),
     "digits_iid": lambda d, seed: fbd.digits_iid(d.num_clients, seed=seed),
+    # Any tensorflow-datasets image classification set (config.data.name), Dirichlet label skew.
+    "tfds_label_skew": lambda d, seed: fbd.tfds_label_skew(
+        d.name,
+        d.num_clients,
+        d.alpha,
+        seed=seed,
+        min_size=d.min_size,
+        data_dir=d.data_dir or None,
+        max_train=d.max_train or None,
+        max_test=d.max_test or None,
+    ),
 }
 
 MODELS: dict[str, Callable[[Config, int], nn.Module]] = {

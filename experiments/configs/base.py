@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.min_size = 10  # fewest train examples per client under label skew
     c.data.name = "digits"  # data set name, for sources that hold several (tfds)
     c.data.data_dir = ""  # where a downloading source caches its files; empty: its default
+    c.data.max_train = 0  # tfds sources: keep this many train examples (0: all)
+    c.data.max_test = 0  # tfds sources: keep this many test examples (0: all)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "seed_cnn"  # seed_cnn | digit_model
