@@ -12,7 +12,12 @@ from fedjax_bn.algorithms import (
     silobn,
 )
 from fedjax_bn.client import LocalTraining, client_update, train_step
-from fedjax_bn.evaluate import evaluate, evaluate_clients, evaluate_global, global_variables
+from fedjax_bn.evaluate import (
+    evaluate_clients,
+    evaluate_global,
+    evaluate_model,
+    global_variables,
+)
 from fedjax_bn.execute import make_round
 from fedjax_bn.models import DigitModel, SeedCNN
 from fedjax_bn.tree import bn_param_mask, merge, partition
@@ -25,7 +30,7 @@ __all__ = [
     "ServerState",
     "bn_param_mask",
     "client_update",
-    "evaluate",
+    "evaluate_model",
     "evaluate_clients",
     "evaluate_global",
     "fedavg",

@@ -50,7 +50,7 @@ def _eval_batch(
     return masked_cross_entropy(logits, y_B, mask_B)
 
 
-def evaluate(
+def evaluate_model(
     model: nn.Module, variables: Variables, x_N: np.ndarray, y_N: np.ndarray, batch_size: int = 256
 ) -> Metrics:
     """Loss and accuracy of ``variables`` on (x, y) in eval mode; batches padded to one shape."""
@@ -93,7 +93,7 @@ def evaluate_global(
     if variables is None:
         return None
     x, y = pooled_test(data)
-    return evaluate(alg.local.model, variables, x, y, batch_size)
+    return evaluate_model(alg.local.model, variables, x, y, batch_size)
 
 
 def evaluate_clients(
@@ -102,7 +102,9 @@ def evaluate_clients(
     """Each client's model (its own local BN leaves) on its own test data."""
     x_C, y_C, n_C = (np.asarray(a) for a in (data.test.x, data.test.y, data.test.n))
     per = [
-        evaluate(alg.local.model, client_model(alg, state, c), x_C[c, :n], y_C[c, :n], batch_size)
+        evaluate_model(
+            alg.local.model, client_model(alg, state, c), x_C[c, :n], y_C[c, :n], batch_size
+        )
         for c, n in enumerate(n_C)
     ]
     loss, acc, count = (np.array(v) for v in zip(*per, strict=True))

@@ -88,7 +88,7 @@ def test_fedbn_clients_are_evaluated_with_their_own_bn() -> None:
     assert m.weighted_accuracy == pytest.approx((5 * want[0] + 7 * want[2]) / 12)
     assert np.isnan(m.loss[1]) and np.all(np.isfinite(m.loss[[0, 2]]))
     x = np.asarray(data.test.x)
-    own = fb.evaluate(BNLogits(), client_model(alg, state, 2), x[2, :7], y[2, :7])
+    own = fb.evaluate_model(BNLogits(), client_model(alg, state, 2), x[2, :7], y[2, :7])
     assert (own.loss, own.accuracy) == pytest.approx((m.loss[2], m.accuracy[2]))
 
 
@@ -142,12 +142,12 @@ def test_evaluate_hand_computed_loss_and_empty_set() -> None:
     }
     y = np.array([0, 2, 2, 1, 3], np.int32)
     x = np.zeros((5, 1, 1, K), np.float32)
-    m = fb.evaluate(model, variables, x, y, batch_size=2)  # 3 batches, the last one padded
+    m = fb.evaluate_model(model, variables, x, y, batch_size=2)  # 3 batches, the last one padded
     ce = np.log(np.exp(bias).sum()) - bias[y]
     assert m.count == 5
     assert m.accuracy == pytest.approx(2 / 5)  # argmax b = 2
     assert m.loss == pytest.approx(ce.mean(), rel=1e-5)
-    empty = fb.evaluate(model, variables, x[:0], y[:0], batch_size=2)
+    empty = fb.evaluate_model(model, variables, x[:0], y[:0], batch_size=2)
     assert empty.count == 0 and np.isnan(empty.loss) and np.isnan(empty.accuracy)
 
 
@@ -172,8 +172,8 @@ def test_evaluate_does_not_depend_on_batching(n: int, batch_size: int, seed: int
     x = normal(seed, (n, *IMAGE_SHAPE)).astype(np.float32)
     y = randint(seed, (n,), 3, salt=1).astype(np.int32)
     variables = counter_variables()
-    a = fb.evaluate(CounterModel(), variables, x, y, batch_size=batch_size)
-    b = fb.evaluate(CounterModel(), variables, x, y, batch_size=32)
+    a = fb.evaluate_model(CounterModel(), variables, x, y, batch_size=batch_size)
+    b = fb.evaluate_model(CounterModel(), variables, x, y, batch_size=32)
     assert a.count == b.count == n
     assert a.accuracy == pytest.approx(b.accuracy)
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
