@@ -37,6 +37,7 @@ __all__ = [
     "Round",
     "RoundResult",
     "choose_executor",
+    "default_local_loop",
     "make_round",
     "padded_fraction",
 ]

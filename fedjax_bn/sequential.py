@@ -9,8 +9,12 @@ sizes and dispatches jitted calls that each run ``steps_per_call`` unrolled opti
 - Full batches run with no mask at all (a masked BatchNorm costs ~7-12% more on XLA:CPU), so a
   step costs what a plain jitted train step costs; only a client's last, partial batch per epoch
   is masked.
+- A client's start is fused into its first call, and its last call writes its final state in
+  place into a donated, stacked buffer: compile time and memory do not grow with the cohort.
 - Data and batch indices stay on device; the only host data is the clients' sizes (cached).
 - Every jitted function is built once, in the constructor, so rounds never re-trace.
+- One step per call by default: on XLA:CPU a jit of 5 unrolled steps measured ~17% slower
+  than 5 single-step calls (``steps_per_call`` exists to re-measure elsewhere).
 """
 
 from __future__ import annotations
@@ -93,12 +97,11 @@ class SequentialRound:
             if first:
                 cstate, anchor = start(state_or_anchor, c), state_or_anchor.shared
             else:
-                anchor = state_or_anchor
-            x_N, y_N = x_CN[c], y_CN[c]
+                anchor = state_or_anchor  # None when there is no proximal term
             for i in range(num):
                 idx_B = idx_CSB[c, s + i]
                 mask_B = mask_CSB[c, s + i] if masked else None
-                x_B, y_B = jnp.take(x_N, idx_B, axis=0), jnp.take(y_N, idx_B, axis=0)
+                x_B, y_B = x_CN[c, idx_B], y_CN[c, idx_B]  # one gather of B rows
                 cstate = client_lib.train_step(spec, anchor, cstate, x_B, y_B, mask_B)
             if not last:
                 return cstate
@@ -117,7 +120,7 @@ class SequentialRound:
         # final state into it is in place, and compile cost does not grow with the cohort.
         self._begin = jax.jit(begin, static_argnums=3)
         self._call = jax.jit(call, static_argnums=(0, 1, 2, 3), donate_argnums=6)
-        self._finish = jax.jit(finish, donate_argnums=1)
+        self._finish = jax.jit(finish)
         self._schedule = functools.lru_cache(maxsize=64)(self._build_schedule)
 
     def _build_schedule(self, sizes: tuple[int, ...], n_max: int) -> tuple[list[Call], ...]:
@@ -131,6 +134,7 @@ class SequentialRound:
         n_max = train.y.shape[1]
         idx_CSB, mask_CSB, finals = self._begin(state, train.n, key, n_max)
         data = (train.x, train.y, idx_CSB, mask_CSB)
+        anchor = state.shared if self.alg.local.mu else None  # fewer arguments to dispatch
         for c, calls in enumerate(self._schedule(sizes, n_max)):
             cstate, last = None, len(calls) - 1
             for i, (s, num, masked) in enumerate(calls):
@@ -140,7 +144,7 @@ class SequentialRound:
                     masked,
                     first,
                     i == last,
-                    state if first else state.shared,
+                    state if first else anchor,
                     cstate,
                     finals if i == last else None,
                     *data,
