@@ -4,12 +4,13 @@ For each model size and cohort, it times one plain jitted train step of the same
 and optimizer (the yardstick), then a federated round of C clients x S local steps with each
 executor, all in one process and interleaved: each timed round follows a yardstick timing. It
 reports seconds per round, examples per second, the federated overhead ratio ``round time /
-(real client-steps x yardstick step)`` from the minima of those pairs (robust to other load on
-the machine) and from their medians, the padded fraction of lockstep client-steps, the first
+(real client-steps x yardstick step)`` from the fastest round over the fastest yardstick step
+(minima are robust to other load on the machine; the same numbers as the s/round column) and as
+the median of the per-pair ratios, the padded fraction of lockstep client-steps, the first
 (compiling) round, and peak memory (host RSS; device memory where the backend reports it).
 JSON plus a table:
 
-    python -m experiments.bench                       # default matrix (~6 minutes on 2 CPUs)
+    python -m experiments.bench                       # default matrix (~7 minutes on 2 CPUs)
     python -m experiments.bench --cases digits:10:5 --executors auto,vmap --repeats 10
     python -m experiments.bench --cases cifar:100:5,digits:1000:5 --executors auto,vmap,chunked
 
@@ -161,7 +162,7 @@ def bench_case(
         rounds[ex] = make_round(alg, executor=executor, batch_size=batch, **opts)
         states[ex] = alg.init(jax.random.key(0), train.x[0, :1], clients)
         first[ex] = timed(lambda ex=ex: run_round(rounds, states, ex, train, 0))
-    # Each round is paired with a yardstick timing just before it; ratios use the pairs.
+    # Each round is paired with a yardstick timing just before it (the median ratio uses pairs).
     times: dict[str, list[float]] = {ex: [] for ex in executors}
     yards: dict[str, list[float]] = {ex: [] for ex in executors}
     for r in range(repeats):
@@ -199,8 +200,8 @@ def bench_case(
                 round_s_median=float(np.median(times[ex])),
                 first_round_s=first[ex],
                 examples_per_s=examples / t,
-                overhead=t / (real_steps * min(yards[ex])),
-                overhead_median=float(np.median(times[ex]) / (real_steps * np.median(yards[ex]))),
+                overhead=t / (real_steps * y),
+                overhead_median=paired_median_ratio(times[ex], yards[ex], real_steps),
                 padded_fraction=rounds[ex].padded_fraction(train),
                 host_rss_mib=psutil.Process().memory_info().rss / 2**20,
                 host_peak_mib=host_peak_mib(),
@@ -208,6 +209,12 @@ def bench_case(
             )
         )
     return rows
+
+
+def paired_median_ratio(rounds_s: Sequence[float], steps_s: Sequence[float], steps: int) -> float:
+    """Median over timed pairs of ``round / (steps x the yardstick step timed just before it)``:
+    load that slows both halves of a pair cancels out."""
+    return float(np.median(np.asarray(rounds_s) / (steps * np.asarray(steps_s))))
 
 
 def run_round(rounds: dict, states: dict, ex: str, train: ClientArrays, r: int) -> Any:
