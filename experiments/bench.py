@@ -153,7 +153,9 @@ def bench_case(
     real_steps = int(sum(-(-int(n) // batch) for n in sizes))
     examples = int(sizes.sum())
     plain = yardstick(model, tx, train, batch)
-    ystep = min(args.yard_steps, real_steps)
+    # Like for like: by default the yardstick runs as many steps as a round, so both timings
+    # span the same stretch of (shared, noisy) machine time; a short burst's minimum runs low.
+    ystep = min(args.yard_steps or real_steps, real_steps)
     timed(lambda: plain(3))
     alg = fb.fedavg(model, tx)
     rounds, states, first = {}, {}, {}
@@ -262,7 +264,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--executors", help="comma list (default: per case, see CPU_CASES)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, help="timed rounds per executor (default: per case)")
-    p.add_argument("--yard-steps", type=int, default=50, help="yardstick steps per timing")
+    p.add_argument(
+        "--yard-steps", type=int, default=0, help="yardstick steps per timing (0: a round's)"
+    )
     p.add_argument("--spread", type=float, default=0.0, help="default case spread")
     p.add_argument("--out", default="results/bench.json", help="JSON output path")
     return p.parse_args(argv)
