@@ -10,7 +10,7 @@ the median of the per-pair ratios, the padded fraction of lockstep client-steps,
 (compiling) round, and peak memory (host RSS; device memory where the backend reports it).
 JSON plus a table:
 
-    python -m experiments.bench                       # default matrix (~7 minutes on 2 CPUs)
+    python -m experiments.bench                       # default matrix (~9 minutes on 2 CPUs)
     python -m experiments.bench --cases digits:10:5 --executors auto,vmap --repeats 10
     python -m experiments.bench --cases cifar:100:5,digits:1000:5 --executors auto,vmap,chunked
 

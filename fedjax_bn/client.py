@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_bn.data.federated import gather_batch
 from fedjax_bn.tree import Variables, flatten
 
 Array = jax.Array
@@ -160,7 +161,7 @@ def run_local(
 
     def step(state: ClientState, batch: tuple[Array, Array]) -> ClientState:
         idx_B, mask_B = batch
-        return train_step(spec, anchor, state, x_N[idx_B], y_N[idx_B], mask_B)
+        return train_step(spec, anchor, state, *gather_batch(x_N, y_N, idx_B), mask_B)
 
     if loop == "scan":
         return jax.lax.scan(lambda s, b: (step(s, b), None), state, (idx_SB, mask_SB))[0]

@@ -120,6 +120,8 @@ class SequentialRound:
         # final state into it is in place, and compile cost does not grow with the cohort.
         self._begin = jax.jit(begin, static_argnums=3)
         self._call = jax.jit(call, static_argnums=(0, 1, 2, 3), donate_argnums=6)
+        # Not donated: the stacked client states share no shape with the server state, so XLA
+        # could reuse none of them (jax warns "Some donated buffers were not usable").
         self._finish = jax.jit(finish)
         self._schedule = functools.lru_cache(maxsize=64)(self._build_schedule)
 

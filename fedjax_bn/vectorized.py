@@ -18,7 +18,7 @@ import numpy as np
 from fedjax_bn import client as client_lib
 from fedjax_bn.algorithms import Algorithm, ServerState
 from fedjax_bn.cohort import Group, Plan, RoundResult, client_order
-from fedjax_bn.data import ClientArrays, round_batches
+from fedjax_bn.data import ClientArrays, gather_batch, round_batches
 
 Array = jax.Array
 # (local, client_opt, x_CN, y_CN, idx_CSB, mask_CSB): one group's per-client inputs.
@@ -46,7 +46,7 @@ def local_steps(
     """
 
     def step(state: client_lib.ClientState, idx_B: Array, mask_B: Array | None):
-        x_B, y_B = jnp.take(x_N, idx_B, axis=0), jnp.take(y_N, idx_B, axis=0)
+        x_B, y_B = gather_batch(x_N, y_N, idx_B)
         return client_lib.train_step(spec, anchor, state, x_B, y_B, mask_B)
 
     num_steps, batch = idx_SB.shape
