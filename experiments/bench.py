@@ -38,7 +38,7 @@ import psutil
 
 import fedjax_bn as fb
 from fedjax_bn.data import ClientArrays, stack_clients
-from fedjax_bn.execute import choose_executor, make_round
+from fedjax_bn.execution import choose_executor, make_round
 
 SHAPES = {"digits": (8, 8, 1), "cifar": (32, 32, 3)}
 # The default matrices: case -> (executors, timed repeats). CPU: ~6 minutes on 2 cores.

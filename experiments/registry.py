@@ -22,6 +22,12 @@ Config = ml_collections.ConfigDict
 AlgorithmFactory = Callable[[nn.Module, optax.GradientTransformation, Config], fb.Algorithm]
 SettingBuilder = Callable[[Config, int], fbd.FederatedData]
 
+
+def _server_lr(config: Config) -> dict[str, float]:
+    """``server_lr=config.server_lr`` when it is set (> 0), else nothing (the default)."""
+    return {"server_lr": config.server_lr} if config.server_lr else {}
+
+
 ALGORITHMS: dict[str, AlgorithmFactory] = {
     "fedavg": lambda m, tx, c: fb.fedavg(m, tx),
     "fedprox": lambda m, tx, c: fb.fedprox(m, tx, c.mu),
@@ -32,6 +38,16 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     "fedprox_bn_eval": lambda m, tx, c: fb.fedprox(
         m, tx, c.mu, bn_train=False, name="fedprox_bn_eval"
     ),
+    # Server optimizers (Reddi et al. 2021); config.server_lr 0 keeps each factory's default.
+    "fedavgm": lambda m, tx, c: fb.fedavgm(m, tx, **_server_lr(c)),
+    "fedadam": lambda m, tx, c: fb.fedadam(m, tx, **_server_lr(c)),
+    "fedyogi": lambda m, tx, c: fb.fedyogi(m, tx, **_server_lr(c)),
+    "fedadagrad": lambda m, tx, c: fb.fedadagrad(m, tx, **_server_lr(c)),
+    "fedadam_fedbn": lambda m, tx, c: fb.fedadam(
+        m, tx, policy="fedbn", name="fedadam_fedbn", **_server_lr(c)
+    ),
+    # SCAFFOLD's option II control variates need the client learning rate.
+    "scaffold": lambda m, tx, c: fb.scaffold(m, tx, lr=c.optim.lr),
 }
 
 SETTINGS: dict[str, SettingBuilder] = {
@@ -48,6 +64,30 @@ SETTINGS: dict[str, SettingBuilder] = {
         seed=seed,
         min_size=d.min_size,
         data_dir=d.data_dir or None,
+        max_train=d.max_train or None,
+        max_test=d.max_test or None,
+    ),
+    # Fashion-MNIST from local IDX files (apt-get install dataset-fashion-mnist, or data_dir).
+    "fashion_mnist_label_skew": lambda d, seed: fbd.fashion_mnist_label_skew(
+        d.num_clients,
+        d.alpha,
+        seed=seed,
+        min_size=d.min_size,
+        data_dir=d.data_dir or fbd.FASHION_MNIST_DIR,
+        max_train=d.max_train or None,
+        max_test=d.max_test or None,
+    ),
+    "fashion_mnist_iid": lambda d, seed: fbd.fashion_mnist_iid(
+        d.num_clients,
+        seed=seed,
+        data_dir=d.data_dir or fbd.FASHION_MNIST_DIR,
+        max_train=d.max_train or None,
+        max_test=d.max_test or None,
+    ),
+    "fashion_mnist_feature_shift": lambda d, seed: fbd.fashion_mnist_feature_shift(
+        d.num_clients,
+        seed=seed,
+        data_dir=d.data_dir or fbd.FASHION_MNIST_DIR,
         max_train=d.max_train or None,
         max_test=d.max_test or None,
     ),

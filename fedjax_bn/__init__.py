@@ -1,42 +1,54 @@
 """fedjax_bn: functional JAX federated learning for models with BatchNorm, done right."""
 
-from fedjax_bn.aggregate import pool_batch_stats, pooled_moments, weighted_mean
+from fedjax_bn.aggregate import pooled_moments, weighted_mean
 from fedjax_bn.algorithms import (
     Algorithm,
+    FedState,
     ServerState,
+    fedadagrad,
+    fedadam,
     fedavg,
+    fedavgm,
     fedbn,
     fedbn_prox,
     fedprox,
+    fedyogi,
     make_algorithm,
+    scaffold,
     silobn,
 )
-from fedjax_bn.client import LocalTraining, client_update, train_step
+from fedjax_bn.client import Batch, LocalTraining, train_step
 from fedjax_bn.evaluate import (
     evaluate_clients,
     evaluate_global,
     evaluate_model,
     global_variables,
 )
-from fedjax_bn.execute import make_round
+from fedjax_bn.execution import client_update, make_round
 from fedjax_bn.models import DigitModel, SeedCNN
-from fedjax_bn.tree import bn_param_mask, merge, partition
+from fedjax_bn.policy import bn_param_mask, merge, partition, pool_batch_stats
 
 __all__ = [
     "Algorithm",
+    "Batch",
     "DigitModel",
+    "FedState",
     "LocalTraining",
     "SeedCNN",
     "ServerState",
     "bn_param_mask",
     "client_update",
-    "evaluate_model",
     "evaluate_clients",
     "evaluate_global",
+    "evaluate_model",
+    "fedadagrad",
+    "fedadam",
     "fedavg",
+    "fedavgm",
     "fedbn",
     "fedbn_prox",
     "fedprox",
+    "fedyogi",
     "global_variables",
     "make_algorithm",
     "make_round",
@@ -44,6 +56,7 @@ __all__ = [
     "partition",
     "pool_batch_stats",
     "pooled_moments",
+    "scaffold",
     "silobn",
     "train_step",
     "weighted_mean",

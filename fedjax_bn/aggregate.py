@@ -1,4 +1,4 @@
-"""Server-side aggregation: weighted means over a leading client axis, pooled BN statistics.
+"""Server-side aggregation math: weighted means over a leading client axis, pooled moments.
 
 Integer leaves (a BN ``num_batches_tracked`` counter, a step count) are never averaged: they keep
 the server's value and dtype. Float leaves are averaged in float32 and cast back to their own dtype,
@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_bn.tree import flatten, is_integer_leaf, unflatten
+from fedjax_bn.tree import is_integer_leaf
 
 Array = jax.Array
 
@@ -57,7 +57,8 @@ def check_stacked(stacked: Any, server: Any, num_clients: int) -> None:
             )
 
 
-def _mean_leaf(stacked_CX: Array, w_C: Array, server_X: Any) -> Array:
+def mean_leaf(stacked_CX: Array, w_C: Array, server_X: Any) -> Array:
+    """Weighted mean of one stacked float leaf (``w_C`` normalized); integers keep ``server_X``."""
     if is_integer_leaf(stacked_CX):
         return server_X
     mean = jnp.tensordot(w_C, stacked_CX.astype(jnp.float32), axes=1)
@@ -72,7 +73,7 @@ def weighted_mean(stacked: Any, weights_C: Array, server: Any) -> Any:
     """
     w_C = normalized_weights(weights_C)
     check_stacked(stacked, server, w_C.shape[0])
-    return jax.tree.map(lambda s, v: _mean_leaf(s, w_C, v), stacked, server)
+    return jax.tree.map(lambda s, v: mean_leaf(s, w_C, v), stacked, server)
 
 
 def pooled_moments(mean_CX: Array, var_CX: Array, w_C: Array) -> tuple[Array, Array]:
@@ -82,28 +83,7 @@ def pooled_moments(mean_CX: Array, var_CX: Array, w_C: Array) -> tuple[Array, Ar
     variances misses the spread of client means, exactly what non-IID data has. ``w_C`` are
     normalized here, so example counts can be passed directly.
     """
-    w_C = jnp.asarray(w_C, jnp.float32)
-    w_C = w_C / jnp.sum(w_C)
+    w_C = normalized_weights(w_C)
     mean = jnp.tensordot(w_C, mean_CX, axes=1)
     second = jnp.tensordot(w_C, var_CX + jnp.square(mean_CX), axes=1)
     return mean, jnp.maximum(second - jnp.square(mean), 0.0)
-
-
-def pool_batch_stats(stacked: Any, weights_C: Array, server: Any) -> Any:
-    """Pool stacked BN running statistics (``{..., layer: {'mean', 'var'}}``) into one set.
-
-    Every module holding a ``mean`` and a ``var`` is pooled with :func:`pooled_moments`; other
-    float leaves get the weighted mean and integer leaves keep the server's value.
-    """
-    w_C = normalized_weights(weights_C)
-    check_stacked(stacked, server, w_C.shape[0])
-    flat, flat_server = flatten(stacked), flatten(server)
-    out = {p: _mean_leaf(v, w_C, flat_server[p]) for p, v in flat.items()}
-    for path in flat:
-        if path[-1] != "mean" or path[:-1] + ("var",) not in flat:
-            continue
-        var_path = path[:-1] + ("var",)
-        mean_CX, var_CX = flat[path], flat[var_path]
-        mean, var = pooled_moments(mean_CX.astype(jnp.float32), var_CX.astype(jnp.float32), w_C)
-        out[path], out[var_path] = mean.astype(mean_CX.dtype), var.astype(var_CX.dtype)
-    return unflatten(out)

@@ -1,26 +1,29 @@
-"""One client's local update, as pure functions.
+"""One client's local training step, as pure functions.
 
 Local training always states BatchNorm's mode: ``train=True`` with ``mutable=['batch_stats']``
 (the fix for the original FedProx bug), or, only when asked for by ``bn_train=False``, the bug
 itself on purpose: BN frozen on its running statistics. The FedProx term
-``mu/2 * ||w - w_global||^2`` runs over the shared parameters only (the ``anchor``).
+``mu/2 * ||w - w_global||^2`` runs over the shared parameters only (the ``anchor``). A
+``correction`` tree (SCAFFOLD's ``c - c_i``) is added to the gradient of the shared parameters
+before the client optimizer sees it, so it works with any optax optimizer.
+
+Algorithms (``fedjax_bn.algorithms``) build their client side from :func:`train_step`; how many
+steps run and on which batches is the executors' business (``fedjax_bn.execution``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_bn.data.federated import gather_batch
-from fedjax_bn.tree import Variables, flatten
+from fedjax_bn.tree import Variables, flatten, unflatten
 
 Array = jax.Array
-LocalLoop = Literal["scan", "unroll"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,15 @@ class LocalTraining:
     bn_train: bool = True
 
 
-class ClientState(NamedTuple):
+class Batch(NamedTuple):
+    """One batch of a client's examples; ``mask=None`` means every example is real."""
+
+    x: Array
+    y: Array
+    mask: Array | None = None
+
+
+class LocalState(NamedTuple):
     """A client mid-round: its variables, optimizer state and running metric sums."""
 
     variables: Variables
@@ -41,13 +52,23 @@ class ClientState(NamedTuple):
     loss_sum: Array
     correct: Array
     count: Array
+    steps: Array  # optimizer steps that saw at least one real example
 
 
 class ClientResult(NamedTuple):
-    """What a client sends back: new variables, optimizer state and round metrics."""
+    """A client's plain local round (``execution.client_update``): variables, optimizer state
+    and round metrics."""
 
     variables: Variables
     opt_state: Any
+    loss: Array
+    accuracy: Array
+    num_seen: Array
+
+
+class ClientMetrics(NamedTuple):
+    """A client's training metrics of one round (stacked by executors: each ``[C]``)."""
+
     loss: Array
     accuracy: Array
     num_seen: Array
@@ -81,7 +102,7 @@ def loss_fn(
     spec: LocalTraining,
     params: Variables,
     rest: Variables,
-    anchor: Variables,
+    anchor: Variables | None,
     x_B: Array,
     y_B: Array,
     mask_B: Array | None,
@@ -100,44 +121,57 @@ def loss_fn(
         logits = spec.model.apply(variables, x_B, train=False, mask=mask_B)
     ce_sum, correct = masked_cross_entropy(logits, y_B, mask_B)
     loss = ce_sum / jnp.maximum(num_real(y_B, mask_B), 1)
-    if spec.mu:
+    if spec.mu and anchor is not None:
         loss = loss + spec.mu * prox_term({"params": params}, anchor)
     return loss, (rest, ce_sum, correct)
 
 
-def init_state(spec: LocalTraining, variables: Variables, opt_state: Any = None) -> ClientState:
+def init_state(spec: LocalTraining, variables: Variables, opt_state: Any = None) -> LocalState:
     """A client at the start of a round; a fresh optimizer unless ``opt_state`` is carried over."""
     if opt_state is None:
         opt_state = spec.tx.init(variables["params"])
     zero = jnp.zeros((), jnp.float32)
-    return ClientState(variables, opt_state, zero, zero, zero)
+    return LocalState(variables, opt_state, zero, zero, zero, jnp.zeros((), jnp.int32))
+
+
+def add_correction(grads: Variables, correction: Variables) -> Variables:
+    """``grads`` (a params tree) plus ``correction`` (a ``{'params': ...}`` subtree) where given."""
+    flat = flatten({"params": grads})
+    for path, c in flatten(correction).items():
+        flat[path] = flat[path] + c.astype(flat[path].dtype)
+    return unflatten(flat)["params"]
 
 
 def train_step(
     spec: LocalTraining,
-    anchor: Variables,
-    state: ClientState,
+    anchor: Variables | None,
+    state: LocalState,
     x_B: Array,
     y_B: Array,
     mask_B: Array | None,
-) -> ClientState:
+    correction: Variables | None = None,
+) -> LocalState:
     """One optimizer step on a partially masked batch; a fully masked batch is a no-op.
 
     ``mask_B=None`` is a full batch (every example real): no masking and no no-op select, the
-    cost of a plain train step.
+    cost of a plain train step. ``anchor``: the shared parameters FedProx pulls towards (None
+    without a proximal term); ``correction``: added to the shared parameters' gradient.
     """
     params = state.variables["params"]
     rest = {k: v for k, v in state.variables.items() if k != "params"}
     grads, (rest, ce_sum, correct) = jax.grad(
         lambda p: loss_fn(spec, p, rest, anchor, x_B, y_B, mask_B), has_aux=True
     )(params)
+    if correction:
+        grads = add_correction(grads, correction)
     updates, opt_state = spec.tx.update(grads, state.opt_state, params)
-    stepped = ClientState(
+    stepped = LocalState(
         {"params": optax.apply_updates(params, updates), **rest},
         opt_state,
         state.loss_sum + ce_sum,
         state.correct + correct,
         state.count + num_real(y_B, mask_B),
+        state.steps + 1,
     )
     if mask_B is None:
         return stepped
@@ -145,53 +179,7 @@ def train_step(
     return jax.tree.map(lambda new, old: jnp.where(valid, new, old), stepped, state)
 
 
-def run_local(
-    spec: LocalTraining,
-    anchor: Variables,
-    state: ClientState,
-    x_N: Array,
-    y_N: Array,
-    idx_SB: Array,
-    mask_SB: Array,
-    *,
-    loop: LocalLoop = "scan",
-) -> ClientState:
-    """All of a round's local steps. ``scan`` suits GPU/TPU; ``unroll`` avoids the XLA:CPU trap
-    where convolution gradients inside a while loop run ~13x slower (DESIGN.md)."""
-
-    def step(state: ClientState, batch: tuple[Array, Array]) -> ClientState:
-        idx_B, mask_B = batch
-        return train_step(spec, anchor, state, *gather_batch(x_N, y_N, idx_B), mask_B)
-
-    if loop == "scan":
-        return jax.lax.scan(lambda s, b: (step(s, b), None), state, (idx_SB, mask_SB))[0]
-    if loop == "unroll":
-        for s in range(idx_SB.shape[0]):
-            state = step(state, (idx_SB[s], mask_SB[s]))
-        return state
-    raise ValueError(f"Unknown local loop {loop!r}; use 'scan' or 'unroll'.")
-
-
-def finish(state: ClientState) -> ClientResult:
-    """Round metrics from a client's final state."""
+def metrics(state: LocalState) -> ClientMetrics:
+    """Round metrics from a client's final state (mean loss and accuracy over seen examples)."""
     seen = jnp.maximum(state.count, 1.0)
-    return ClientResult(
-        state.variables, state.opt_state, state.loss_sum / seen, state.correct / seen, state.count
-    )
-
-
-def client_update(
-    spec: LocalTraining,
-    variables: Variables,
-    anchor: Variables,
-    x_N: Array,
-    y_N: Array,
-    idx_SB: Array,
-    mask_SB: Array,
-    opt_state: Any = None,
-    *,
-    loop: LocalLoop = "scan",
-) -> ClientResult:
-    """A client's whole local round: start from ``variables``, train, report."""
-    state = init_state(spec, variables, opt_state)
-    return finish(run_local(spec, anchor, state, x_N, y_N, idx_SB, mask_SB, loop=loop))
+    return ClientMetrics(state.loss_sum / seen, state.correct / seen, state.count)

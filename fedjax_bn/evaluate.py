@@ -1,9 +1,9 @@
 """Evaluation, always with ``train=False``: the global model and each client's own model.
 
-The global model exists where the policy has one: fedavg (shared params + pooled statistics) and
-silobn (shared params + the clients' local statistics pooled by training size). Under fedbn the BN
-layers are personal, so only per-client evaluation (each client's local BN leaves on its own test
-data) is meaningful; it is reported for every policy.
+Which global model exists is the policy module's answer (``policy.global_variables``): fedavg
+and silobn have one, fedbn has none (BN layers are personal) unless the model has no BN layer.
+Per-client evaluation (each client's local leaves on its own test data) is reported for every
+policy.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from fedjax_bn.aggregate import pool_batch_stats
-from fedjax_bn.algorithms import Algorithm, ServerState, take_client
+from fedjax_bn import policy
+from fedjax_bn.algorithms.base import Algorithm, FedState, client_variables, model_parts
 from fedjax_bn.client import masked_cross_entropy
 from fedjax_bn.data import FederatedData, pooled_test
-from fedjax_bn.tree import Variables, merge
+from fedjax_bn.tree import Variables
 
 Array = jax.Array
 
@@ -69,42 +69,34 @@ def evaluate_model(
     return Metrics(loss_sum / n, correct / n, n)
 
 
-def global_variables(alg: Algorithm, state: ServerState, train_sizes: Array) -> Variables | None:
+def global_variables(alg: Algorithm, state: FedState, train_sizes: Array) -> Variables | None:
     """The global model under ``alg``'s policy, or None where the policy has none (fedbn)."""
-    if alg.policy == "fedavg":
-        return merge(state.shared, state.pooled)
-    if alg.policy == "silobn":
-        stats = state.local["batch_stats"]
-        pooled = pool_batch_stats(stats, train_sizes, take_client(stats, 0))
-        return merge(state.shared, {"batch_stats": pooled})
-    return None
+    return policy.global_variables(alg.policy, *model_parts(state), train_sizes)
 
 
-def client_model(alg: Algorithm, state: ServerState, c: int) -> Variables:
+def client_model(alg: Algorithm, state: FedState, c: int) -> Variables:
     """Client ``c``'s personal model: global shared/pooled leaves plus its own local leaves."""
-    return alg.client_variables(state, take_client(state.local, c))
+    return client_variables(state, c)
 
 
 def evaluate_global(
-    alg: Algorithm, state: ServerState, data: FederatedData, batch_size: int = 256
+    alg: Algorithm, state: FedState, data: FederatedData, batch_size: int = 256
 ) -> Metrics | None:
     """The global model on the pooled test set of all clients (None under fedbn)."""
     variables = global_variables(alg, state, data.train.n)
     if variables is None:
         return None
     x, y = pooled_test(data)
-    return evaluate_model(alg.local.model, variables, x, y, batch_size)
+    return evaluate_model(alg.model, variables, x, y, batch_size)
 
 
 def evaluate_clients(
-    alg: Algorithm, state: ServerState, data: FederatedData, batch_size: int = 256
+    alg: Algorithm, state: FedState, data: FederatedData, batch_size: int = 256
 ) -> ClientMetrics:
     """Each client's model (its own local BN leaves) on its own test data."""
     x_C, y_C, n_C = (np.asarray(a) for a in (data.test.x, data.test.y, data.test.n))
     per = [
-        evaluate_model(
-            alg.local.model, client_model(alg, state, c), x_C[c, :n], y_C[c, :n], batch_size
-        )
+        evaluate_model(alg.model, client_model(alg, state, c), x_C[c, :n], y_C[c, :n], batch_size)
         for c, n in enumerate(n_C)
     ]
     loss, acc, count = (np.array(v) for v in zip(*per, strict=True))

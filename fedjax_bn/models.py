@@ -106,14 +106,19 @@ class DigitModel(nn.Module):
 
 
 def require_train_keyword(model: nn.Module) -> None:
-    """Raise if ``model.__call__`` lacks a keyword-only ``train`` (its BN mode would be hidden)."""
+    """Raise unless ``model.__call__`` takes a keyword-only ``train`` with no default (else its
+    BN mode could be left implicit, the original bug)."""
     params = inspect.signature(type(model).__call__).parameters
     train = params.get("train")
-    if train is None or train.kind is not inspect.Parameter.KEYWORD_ONLY:
+    if (
+        train is None
+        or train.kind is not inspect.Parameter.KEYWORD_ONLY
+        or train.default is not inspect.Parameter.empty
+    ):
         raise TypeError(
             f"{type(model).__name__}.__call__ must take a keyword-only `train: bool` argument "
-            "(e.g. `def __call__(self, x, *, train: bool)`) so that BatchNorm's mode is explicit "
-            "at every call site."
+            "with no default (e.g. `def __call__(self, x, *, train: bool)`) so that "
+            "BatchNorm's mode is explicit at every call site."
         )
     if "mask" not in params:
         raise TypeError(

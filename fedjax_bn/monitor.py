@@ -12,9 +12,10 @@ jits. Two quantities:
   two clients' BN ``scale`` and ``bias``, ``(g1 - g2)^2 + (b1 - b2)^2`` per channel, averaged the
   same way. Only meaningful where BN parameters stay with each client (``fedbn``).
 
-Which statistics go in is the caller's choice, and worth naming in results: the clients' *running*
-statistics (``state.local['batch_stats']`` under ``fedbn``/``silobn``), or the *probe* statistics
-of :func:`clients_probe_stats` (the batch statistics at every BN layer of each client's model on a
+Which statistics go in is the caller's choice, and worth naming in results: the clients'
+*running* statistics (the local ``batch_stats`` of ``model_parts(state)`` under ``fedbn`` and
+``silobn``), or the *probe* statistics of :func:`clients_probe_stats` (the batch statistics at every
+BN layer of each client's model on a
 fixed batch of its own data), which exist for every policy, including ``fedavg`` whose server
 keeps only pooled statistics.
 """
@@ -27,9 +28,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_bn.algorithms import Algorithm, ServerState
+from fedjax_bn.algorithms.base import Algorithm, FedState, model_parts
 from fedjax_bn.data import ClientArrays
-from fedjax_bn.tree import Variables, bn_module_paths, flatten, is_integer_leaf
+from fedjax_bn.policy import bn_module_paths, bn_moment_paths, merge
+from fedjax_bn.tree import Variables, flatten, is_integer_leaf
 
 Array = jax.Array
 
@@ -65,19 +67,18 @@ def bn_stats_divergence(batch_stats_C: Variables) -> dict[str, Array]:
     and a ``var`` leaf is a BN layer, other leaves (counters) are ignored.
     """
     flat = flatten(batch_stats_C)
-    out = {}
-    for path, mean in flat.items():
-        var_path = path[:-1] + ("var",)
-        if path[-1] == "mean" and var_path in flat:
-            out[_layer_name(path[:-1])] = gaussian_w2_divergence(mean, flat[var_path])
-    return out
+    return {
+        _layer_name(mean[:-1]): gaussian_w2_divergence(flat[mean], flat[var])
+        for mean, var in bn_moment_paths(batch_stats_C)
+    }
 
 
 def bn_affine_divergence(variables_C: Variables) -> dict[str, Array]:
     """Per BN layer: mean over client pairs and channels of ``(g1-g2)^2 + (b1-b2)^2``.
 
-    ``variables_C`` holds stacked ``params`` and ``batch_stats`` (e.g. ``state.local`` under
-    ``fedbn``); BN layers are found structurally (their module paths hold ``batch_stats``), so
+    ``variables_C`` holds stacked ``params`` and ``batch_stats`` (e.g. the local part of
+    ``model_parts(state)`` under ``fedbn``); BN layers are found structurally (their module
+    paths hold ``batch_stats``), so
     their ``params`` leaves are picked whatever the layers are called. Layers whose affine
     parameters are not in ``variables_C`` (they are shared) are left out.
     """
@@ -142,32 +143,33 @@ def probe_batches(train: ClientArrays, size: int) -> tuple[Array, Array]:
     return jnp.take(train.x, idx, axis=1), mask_CB
 
 
-def clients_probe_stats(alg: Algorithm, state: ServerState, x_CB: Array, mask_CB: Array) -> Any:
+def clients_probe_stats(alg: Algorithm, state: FedState, x_CB: Array, mask_CB: Array) -> Any:
     """Stacked BN batch statistics of every client's model on its own probe batch (train mode).
 
-    Client ``c``'s model is ``alg.client_variables(state, local_c)``: the global model plus its
-    local leaves. This measures how the clients' *features* differ at each BN layer; it needs no
-    per-client running statistics, so it works for ``fedavg`` too.
+    Client ``c``'s model is the global model plus its local leaves. This measures how the
+    clients' *features* differ at each BN layer; it needs no per-client running statistics, so
+    it works for ``fedavg`` too.
     """
+    parts = model_parts(state)
 
     def one(local: Variables, x_B: Array, mask_B: Array) -> Any:
-        variables = alg.client_variables(state, local)
-        return probe_batch_stats(alg.local.model, variables, x_B, mask_B)
+        variables = merge(parts.shared, parts.pooled, local)
+        return probe_batch_stats(alg.model, variables, x_B, mask_B)
 
-    return jax.vmap(one)(state.local, x_CB, mask_CB)
+    return jax.vmap(one)(parts.local, x_CB, mask_CB)
 
 
-def local_batch_stats(state: ServerState) -> Variables | None:
+def local_batch_stats(state: FedState) -> Variables | None:
     """The clients' stacked running statistics when the policy keeps them local, else None."""
-    stats = state.local.get("batch_stats") if state.local else None
-    return stats or None
+    local = model_parts(state).local
+    return local.get("batch_stats") or None
 
 
-def stats_source(state: ServerState, client_stats: Variables | None = None) -> str:
+def stats_source(state: FedState, client_stats: Variables | None = None) -> str:
     """Which statistics :func:`round_divergences` reads as the clients' BN statistics.
 
     ``'round'``: the clients' post-round running statistics returned by the round (before
-    pooling); ``'local'``: their running statistics kept in ``state.local`` (fedbn, silobn);
+    pooling); ``'local'``: their running statistics kept per client (fedbn, silobn);
     ``'probe'``: :func:`clients_probe_stats` (fedavg keeps only pooled statistics).
     """
     if client_stats:
@@ -177,7 +179,7 @@ def stats_source(state: ServerState, client_stats: Variables | None = None) -> s
 
 def round_divergences(
     alg: Algorithm,
-    state: ServerState,
+    state: FedState,
     x_CB: Array,
     mask_CB: Array,
     client_stats: Variables | None = None,
@@ -193,8 +195,9 @@ def round_divergences(
     """
     probe = bn_stats_divergence(clients_probe_stats(alg, state, x_CB, mask_CB))
     running = client_stats or local_batch_stats(state)
+    local = model_parts(state).local
     return {
         "bn": bn_stats_divergence(running) if running else probe,
         "probe": probe,
-        "affine": bn_affine_divergence(state.local) if state.local else {},
+        "affine": bn_affine_divergence(local) if local else {},
     }

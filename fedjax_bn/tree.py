@@ -1,19 +1,12 @@
-"""Path predicates over Flax variable trees and the split of a model by BN policy.
+"""Generic pytree helpers: nested-dict paths, the leading client axis, structure checks.
 
-Which ``params`` belong to a BatchNorm layer is found structurally: a params leaf is a BN leaf
-when its module path also appears in the ``batch_stats`` collection. Names are never matched,
-so nested and renamed BN layers are found.
-
-A policy assigns every leaf one of three roles (DESIGN.md's table):
-
-- ``shared``: averaged on the server, weighted by example counts;
-- ``pooled``: BN running statistics pooled into one global set (fedavg);
-- ``local``: kept per client, never leaves it.
+Nothing here knows about BatchNorm; what a leaf *is* (shared, pooled, local) is decided in
+``policy.py`` alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +14,6 @@ from flax import traverse_util
 
 Variables = dict[str, Any]
 Path = tuple[str, ...]
-Role = Literal["shared", "pooled", "local"]
-Policy = Literal["fedavg", "fedbn", "silobn"]
-POLICIES: tuple[str, ...] = ("fedavg", "fedbn", "silobn")
-
-
-class Parts(NamedTuple):
-    """A variables tree split by role; each part is a nested dict (possibly empty)."""
-
-    shared: Variables
-    pooled: Variables
-    local: Variables
 
 
 def flatten(variables: Variables) -> dict[Path, Any]:
@@ -44,66 +26,30 @@ def unflatten(flat: dict[Path, Any]) -> Variables:
     return traverse_util.unflatten_dict(flat) if flat else {}
 
 
-def bn_module_paths(variables: Variables) -> frozenset[Path]:
-    """Module paths (without the collection name) that hold BatchNorm running statistics."""
-    stats = flatten(variables.get("batch_stats", {}))
-    return frozenset(path[:-1] for path in stats)
-
-
-def is_bn_path(path: Path, bn_paths: frozenset[Path]) -> bool:
-    """Whether a full variables path (collection first) belongs to a BatchNorm layer."""
-    return path[0] == "batch_stats" or path[1:-1] in bn_paths
-
-
 def is_integer_leaf(x: Any) -> bool:
-    """Integer and boolean leaves (counters, steps) are never averaged."""
+    """Integer and boolean leaves (counters, steps) are never averaged or stepped."""
     dtype = jnp.result_type(x)
     return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
 
 
-def bn_param_mask(variables: Variables) -> Any:
-    """A bool pytree over ``variables['params']``: True on BatchNorm scale/bias leaves."""
-    bn_paths = bn_module_paths(variables)
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _: tuple(k.key for k in kp)[:-1] in bn_paths, variables["params"]
-    )
+def repeat_clients(tree: Any, num_clients: int) -> Any:
+    """Every leaf repeated along a new leading client axis ``[num_clients, ...]``."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *jnp.shape(x))), tree)
 
 
-def leaf_role(path: Path, policy: Policy, bn_paths: frozenset[Path]) -> Role:
-    """The role of one leaf under ``policy`` (the BN policy table, in one place)."""
-    collection = path[0]
-    if collection == "params":
-        return "local" if policy == "fedbn" and is_bn_path(path, bn_paths) else "shared"
-    if collection == "batch_stats":
-        return "pooled" if policy == "fedavg" else "local"
-    return "local"  # any other mutable collection is client state
+def take_client(stacked: Any, c: Any) -> Any:
+    """Client ``c``'s slice of a stacked tree (``c`` an int, a traced index or an index array)."""
+    return jax.tree.map(lambda x: x[c], stacked)
 
 
-def check_policy(policy: str) -> None:
-    """Raise a ValueError naming the valid policies."""
-    if policy not in POLICIES:
-        raise ValueError(f"Unknown BN policy {policy!r}; valid policies: {', '.join(POLICIES)}.")
+def put_client(stacked: Any, c: Any, tree: Any) -> Any:
+    """``stacked`` with client ``c``'s slice replaced by ``tree`` (functional ``.at[c].set``)."""
+    return jax.tree.map(lambda s, v: s.at[c].set(v), stacked, tree)
 
 
-def partition(variables: Variables, policy: Policy) -> Parts:
-    """Split a model's variables into shared, pooled and local parts by ``policy``."""
-    check_policy(policy)
-    bn_paths = bn_module_paths(variables)
-    parts: dict[Role, dict[Path, Any]] = {"shared": {}, "pooled": {}, "local": {}}
-    for path, leaf in flatten(variables).items():
-        parts[leaf_role(path, policy, bn_paths)][path] = leaf
-    return Parts(*(unflatten(parts[role]) for role in Parts._fields))
-
-
-def merge(*trees: Variables) -> Variables:
-    """Union of disjoint partial variable trees (the inverse of :func:`partition`)."""
-    flat: dict[Path, Any] = {}
-    for tree in trees:
-        for path, leaf in flatten(tree).items():
-            if path in flat:
-                raise ValueError(f"Variable {'/'.join(path)} appears in more than one part.")
-            flat[path] = leaf
-    return unflatten(flat)
+def concat_clients(parts: list[Any]) -> Any:
+    """Stacked trees concatenated along the client axis."""
+    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
 def check_same_structure(expected: Any, got: Any, what: str) -> None:

@@ -12,12 +12,8 @@ from conftest import assert_trees_close, normal
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from fedjax_bn.aggregate import (
-    normalized_weights,
-    pool_batch_stats,
-    pooled_moments,
-    weighted_mean,
-)
+from fedjax_bn.aggregate import normalized_weights, pooled_moments, weighted_mean
+from fedjax_bn.policy import pool_batch_stats
 
 # A few leaf shapes and client counts, so jit caches are reused across examples.
 shapes = st.lists(st.sampled_from([(3,), (2, 3), (1, 1, 2)]), min_size=1, max_size=3)

@@ -31,11 +31,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fedjax_bn as fb
-from fedjax_bn import client as client_lib
-from fedjax_bn.algorithms import Algorithm, ServerState, stack_clients, take_client
-from fedjax_bn.client import ClientResult
-from fedjax_bn.data import round_batches
-from fedjax_bn.tree import flatten, partition
+from fedjax_bn.algorithms import Algorithm, FedState, Message, model_parts
+from fedjax_bn.algorithms.base import client_variables
+from fedjax_bn.execution import client_update, round_batches
+from fedjax_bn.policy import partition
+from fedjax_bn.tree import flatten, repeat_clients, take_client
 
 C, N_MAX, B, EPOCHS = 3, 8, 4, 1
 MU = 0.5
@@ -73,7 +73,7 @@ def algorithm(name: str) -> Algorithm:
 
 
 @functools.cache
-def initial_state(name: str) -> ServerState:
+def initial_state(name: str) -> FedState:
     """The server state after ``init``, with local leaves made to differ between clients."""
     state = algorithm(name).init(jax.random.key(0), SAMPLE_X, C)
 
@@ -81,7 +81,8 @@ def initial_state(name: str) -> ServerState:
         k = jnp.arange(C).reshape((C,) + (1,) * (x.ndim - 1))
         return x + (k if jnp.issubdtype(x.dtype, jnp.integer) else 0.1 * k).astype(x.dtype)
 
-    return state._replace(local=jax.tree.map(spread, state.local))
+    clients = state.clients._replace(local=jax.tree.map(spread, state.clients.local))
+    return state._replace(clients=clients)
 
 
 @functools.cache
@@ -91,19 +92,26 @@ def round_fn(name: str, executor: str) -> Any:
 
 
 # One jitted reference client update shared by all algorithms (spec static, hashable).
-_reference_update = jax.jit(client_lib.client_update, static_argnums=0, static_argnames="loop")
+_reference_update = jax.jit(client_update, static_argnums=0, static_argnames="loop")
 
 
-def reference_round(name: str, state: ServerState, data: Any, key: jax.Array) -> dict[str, Any]:
+def reference_round(name: str, state: FedState, data: Any, key: jax.Array) -> dict[str, Any]:
     """What a round must give, from each client trained alone and the policy table in numpy."""
     alg = algorithm(name)
     n = np.asarray(data.n)
     idx, mask = round_batches(key, data.n, N_MAX, B, EPOCHS)
     results = {}
     for c in np.flatnonzero(n):
-        start = alg.client_variables(state, take_client(state.local, c))
+        start = client_variables(state, c)
         results[c] = _reference_update(
-            alg.local, start, state.shared, data.x[c], data.y[c], idx[c], mask[c], loop="unroll"
+            alg.local,
+            start,
+            state.server.shared,
+            data.x[c],
+            data.y[c],
+            idx[c],
+            mask[c],
+            loop="unroll",
         )
     parts = {c: partition(r.variables, alg.policy) for c, r in results.items()}
     w = n / n.sum()
@@ -111,7 +119,7 @@ def reference_round(name: str, state: ServerState, data: Any, key: jax.Array) ->
     def mean(part: str) -> dict[tuple[str, ...], np.ndarray]:
         flat = {c: flatten(getattr(p, part)) for c, p in parts.items()}
         out = {}
-        for path, server in flatten(getattr(state, part)).items():
+        for path, server in flatten(getattr(model_parts(state), part)).items():
             if jnp.issubdtype(server.dtype, jnp.integer):
                 out[path] = np.asarray(server)  # never averaged: the server's value
             else:
@@ -129,7 +137,7 @@ def reference_round(name: str, state: ServerState, data: Any, key: jax.Array) ->
             )
             pooled[path] = second - pooled[mpath] ** 2
     local = {}
-    for path, stacked in flatten(state.local).items():
+    for path, stacked in flatten(state.clients.local).items():
         rows = [
             np.asarray(flatten(parts[c].local)[path]) if c in parts else np.asarray(stacked[c])
             for c in range(C)
@@ -138,10 +146,11 @@ def reference_round(name: str, state: ServerState, data: Any, key: jax.Array) ->
     return {"shared": shared, "pooled": pooled, "local": local}
 
 
-def assert_state_matches(state: ServerState, want: dict[str, Any], before: ServerState) -> None:
+def assert_state_matches(state: FedState, want: dict[str, Any], before: FedState) -> None:
     """Every part of ``state`` matches the reference, keeping dtypes and shapes."""
     for part in ("shared", "pooled", "local"):
-        got, old = flatten(getattr(state, part)), flatten(getattr(before, part))
+        got = flatten(getattr(model_parts(state), part))
+        old = flatten(getattr(model_parts(before), part))
         assert set(got) == set(want[part]) == set(old)
         for path, leaf in got.items():
             assert leaf.dtype == old[path].dtype and leaf.shape == old[path].shape, path
@@ -176,12 +185,13 @@ def test_integer_counter_keeps_value_and_dtype(name: str) -> None:
     new, _ = round_fn(name, "vmap")(state, make_clients(1, sizes, n_max=N_MAX), jax.random.key(1))
     path = ("batch_stats", "net", "CountedBN_0", "num_batches_tracked")
     if name == "fedavg":
-        counter = flatten(new.pooled)[path]
-        assert counter.dtype == jnp.int32 and int(counter) == int(flatten(state.pooled)[path])
-    else:
-        counter = flatten(new.local)[path]
+        counter = flatten(new.server.pooled)[path]
         assert counter.dtype == jnp.int32
-        before = np.asarray(flatten(state.local)[path])
+        assert int(counter) == int(flatten(state.server.pooled)[path])
+    else:
+        counter = flatten(new.clients.local)[path]
+        assert counter.dtype == jnp.int32
+        before = np.asarray(flatten(state.clients.local)[path])
         steps = [math.ceil(n / B) * EPOCHS for n in sizes]
         np.testing.assert_array_equal(counter, before + np.asarray(steps))
 
@@ -210,7 +220,9 @@ def test_fedprox_with_mu_zero_is_fedavg() -> None:
     prox, _ = round_fn("fedprox", "vmap")(state, data, key)  # while mu > 0 does change it
     assert any(
         np.any(np.asarray(a) != np.asarray(b))
-        for a, b in zip(jax.tree.leaves(prox.shared), jax.tree.leaves(avg.shared), strict=True)
+        for a, b in zip(
+            jax.tree.leaves(prox.server.shared), jax.tree.leaves(avg.server.shared), strict=True
+        )
     )
 
 
@@ -226,9 +238,9 @@ def test_fedbn_never_changes_another_clients_bn_leaves(executor: str, seed: int,
     changed = data.replace(x=data.x.at[c].set(other.x[c]), y=data.y.at[c].set(other.y[c]))
     a, _ = rnd(state, data, key)
     b, _ = rnd(state, changed, key)
-    before = flatten(state.local)
-    for path, leaf_a in flatten(a.local).items():
-        leaf_b = flatten(b.local)[path]
+    before = flatten(state.clients.local)
+    for path, leaf_a in flatten(a.clients.local).items():
+        leaf_b = flatten(b.clients.local)[path]
         for k in range(C):
             if k != c:
                 np.testing.assert_array_equal(leaf_a[k], leaf_b[k], err_msg=str((k, path)))
@@ -237,7 +249,9 @@ def test_fedbn_never_changes_another_clients_bn_leaves(executor: str, seed: int,
             assert np.any(np.asarray(leaf_a[c]) != np.asarray(leaf_b[c])), path
     assert any(
         np.any(np.asarray(u) != np.asarray(v))
-        for u, v in zip(jax.tree.leaves(a.shared), jax.tree.leaves(b.shared), strict=True)
+        for u, v in zip(
+            jax.tree.leaves(a.server.shared), jax.tree.leaves(b.server.shared), strict=True
+        )
     )
 
 
@@ -262,19 +276,21 @@ def test_round_does_not_retrace(executor: str) -> None:
 # ------------------------------------------------------------------ server_update on its own
 
 
-def fake_results(name: str, seed: int, num_clients: int) -> ClientResult:
-    """Stacked client results with random values in the model's exact structure."""
-    alg = algorithm(name)
-    one = alg.client_variables(initial_state(name), take_client(initial_state(name).local, 0))
-    variables = jax.tree.map(np.abs, random_like(stack_clients(one, num_clients), seed))
-    zeros = jnp.zeros(num_clients)
-    return ClientResult(variables, None, zeros, zeros, zeros)
+def fake_variables(name: str, seed: int, num_clients: int) -> dict[str, Any]:
+    """Stacked client variables with random values in the model's exact structure."""
+    one = client_variables(initial_state(name), 0)
+    return jax.tree.map(np.abs, random_like(repeat_clients(one, num_clients), seed))
 
 
-def server_state(name: str, num_clients: int) -> ServerState:
-    """The initial server state, re-stacked for ``num_clients`` clients."""
-    state = initial_state(name)
-    return state._replace(local=stack_clients(take_client(state.local, 0), num_clients))
+def fake_messages(name: str, seed: int, num_clients: int) -> Message:
+    """Stacked client messages (shared and poolable leaves) of random client variables."""
+    parts = partition(fake_variables(name, seed, num_clients), algorithm(name).policy)
+    return Message(parts.shared, parts.pooled)
+
+
+def server_state(name: str) -> Any:
+    """The initial server state."""
+    return initial_state(name).server
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedbn", "silobn"])
@@ -282,60 +298,63 @@ def server_state(name: str, num_clients: int) -> ServerState:
 def test_server_update_ignores_client_order(
     name: str, c: int, seed: int, data: st.DataObject
 ) -> None:
-    """Permuting clients permutes local leaves and leaves shared/pooled ones alone."""
+    """Permuting clients leaves the new shared and pooled leaves alone."""
     alg = algorithm(name)
     weights = np.asarray(
         data.draw(st.lists(st.integers(0, 50), min_size=c, max_size=c)), np.float32
     )
     assume(weights.sum() > 0)
     perm = np.asarray(data.draw(st.permutations(range(c))))
-    results = fake_results(name, seed, c)
-    state = server_state(name, c)
-    a = alg.server_update(state, results, weights)
-    b = alg.server_update(state, jax.tree.map(lambda x: x[perm], results), weights[perm])
+    messages = fake_messages(name, seed, c)
+    state = server_state(name)
+    a = alg.server_update(state, messages, weights)
+    b = alg.server_update(state, take_client(messages, perm), weights[perm])
     assert_trees_close((a.shared, a.pooled), (b.shared, b.pooled), rtol=1e-5, atol=1e-5)
-    assert_trees_equal(jax.tree.map(lambda x: x[perm], a.local), b.local)
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedbn", "silobn"])
 @given(c=st.integers(1, 4), seed=seeds)
 def test_server_update_identical_clients_give_back_the_model(name: str, c: int, seed: int) -> None:
-    """C identical clients: shared and pooled leaves are that client's (counters: the server's)."""
+    """C identical clients: shared and pooled leaves are that client's (counters: the server's);
+    each client's new local leaves are its own trained ones (``client_final``)."""
     alg = algorithm(name)
-    one = take_client(fake_results(name, seed, 1), 0)
-    results = jax.tree.map(lambda x: np.broadcast_to(x, (c, *np.shape(x))), one)
-    state = server_state(name, c)
+    one = take_client(fake_variables(name, seed, 1), 0)
+    parts = partition(one, alg.policy)
+    messages = repeat_clients(Message(parts.shared, parts.pooled), c)
+    state = server_state(name)
     weights = np.arange(1, c + 1, dtype=np.float32)
-    new = alg.server_update(state, results, weights)
-    parts = partition(one.variables, alg.policy)
+    new = alg.server_update(state, messages, weights)
     integer = jax.tree.map(lambda x: jnp.issubdtype(x.dtype, jnp.integer), parts.pooled)
     pooled_want = jax.tree.map(lambda i, s, m: s if i else m, integer, state.pooled, parts.pooled)
     assert_trees_close((new.shared, new.pooled), (parts.shared, pooled_want), rtol=1e-5, atol=1e-5)
-    assert_trees_equal(new.local, partition(results.variables, alg.policy).local)
+    carry = alg.client_init(state, take_client(initial_state(name).clients, 0))
+    carry = carry._replace(local=carry.local._replace(variables=one))
+    _, client, _ = alg.client_final(carry)
+    assert_trees_equal(client.local, parts.local)
 
 
 def test_server_update_rejects_zero_weight_and_mismatched_trees() -> None:
     """Zero total weight and client trees that do not match raise a ValueError naming the leaf."""
     alg = algorithm("fedavg")
-    results = fake_results("fedavg", 0, 2)
-    state = server_state("fedavg", 2)
+    messages = fake_messages("fedavg", 0, 2)
+    state = server_state("fedavg")
     with pytest.raises(ValueError, match="Total client weight is zero"):
-        alg.server_update(state, results, np.zeros(2, np.float32))
-    flat = flatten(results.variables)
+        alg.server_update(state, messages, np.zeros(2, np.float32))
+    flat = flatten(messages.shared)
     kernel = ("params", "net", "Dense_0", "kernel")
-    missing = results._replace(
-        variables=fb.tree.unflatten({p: v for p, v in flat.items() if p != kernel})
+    missing = messages._replace(
+        shared=fb.tree.unflatten({p: v for p, v in flat.items() if p != kernel})
     )
     with pytest.raises(ValueError, match="missing.*params/net/Dense_0/kernel"):
         alg.server_update(state, missing, np.ones(2, np.float32))
-    wrong = results._replace(
-        variables=fb.tree.unflatten({**flat, kernel: np.zeros((2, 1, 1), np.float32)})
+    wrong = messages._replace(
+        shared=fb.tree.unflatten({**flat, kernel: np.zeros((2, 1, 1), np.float32)})
     )
     with pytest.raises(ValueError, match="params/net/Dense_0/kernel has shape"):
         alg.server_update(state, wrong, np.ones(2, np.float32))
     bn = ("batch_stats", "net", "CountedBN_0", "bn", "mean")
-    wrong_bn = results._replace(
-        variables=fb.tree.unflatten({**flat, bn: np.zeros((3, 2), np.float32)})
+    wrong_bn = messages._replace(
+        pooled=fb.tree.unflatten({**flatten(messages.pooled), bn: np.zeros((3, 2), np.float32)})
     )
     with pytest.raises(ValueError, match="net/CountedBN_0/bn/mean"):
         alg.server_update(state, wrong_bn, np.ones(2, np.float32))
@@ -397,7 +416,7 @@ def test_names_and_policies() -> None:
 
 def test_initial_state_layout() -> None:
     """fedavg: no local leaves; fedbn: BN params and stats local; silobn: only stats local."""
-    local = {n: set(flatten(initial_state(n).local)) for n in ("fedavg", "fedbn", "silobn")}
+    local = {n: set(flatten(initial_state(n).clients.local)) for n in ("fedavg", "fedbn", "silobn")}
     assert local["fedavg"] == set()
     assert {p[0] for p in local["silobn"]} == {"batch_stats"}
     assert local["fedbn"] - local["silobn"] == {
@@ -405,8 +424,8 @@ def test_initial_state_layout() -> None:
         ("params", "net", "CountedBN_0", "bn", "bias"),
     }
     for n in ("fedbn", "silobn"):
-        assert all(leaf.shape[0] == C for leaf in jax.tree.leaves(initial_state(n).local))
-    assert set(flatten(initial_state("fedavg").pooled)) == local["silobn"]
+        assert all(leaf.shape[0] == C for leaf in jax.tree.leaves(initial_state(n).clients))
+    assert set(flatten(initial_state("fedavg").server.pooled)) == local["silobn"]
 
 
 # ------------------------------------------------------------------ end to end on digits

@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 
 from fedjax_bn import client as client_lib
 from fedjax_bn.client import LocalTraining
-from fedjax_bn.tree import Variables, bn_param_mask, flatten, partition
+from fedjax_bn.execution import client_update
+from fedjax_bn.policy import bn_param_mask, partition
+from fedjax_bn.tree import Variables, flatten
 
 MU = 0.5
 B = 4
@@ -170,7 +172,7 @@ def test_masked_cross_entropy_hand_computed() -> None:
 def jitted_update(loop: str) -> Any:
     """One jitted ``client_update`` of the counter model per local loop."""
     spec = LocalTraining(CounterModel(), sgd())
-    return jax.jit(functools.partial(client_lib.client_update, spec, loop=loop))
+    return jax.jit(functools.partial(client_update, spec, loop=loop))
 
 
 def test_scan_and_unroll_local_loops_agree(sample_x: jax.Array) -> None:
@@ -193,4 +195,4 @@ def test_scan_and_unroll_local_loops_agree(sample_x: jax.Array) -> None:
     assert 0.0 <= float(got["scan"].accuracy) <= 1.0
     assert float(got["scan"].loss) > 0.0
     with pytest.raises(ValueError, match="local loop"):
-        client_lib.run_local(spec, {}, None, data.x[0], data.y[0], idx, mask, loop="x")
+        client_update(spec, variables, None, data.x[0], data.y[0], idx, mask, loop="x")

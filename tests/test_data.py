@@ -21,16 +21,13 @@ from fedjax_bn.data import (
     dirichlet_proportions,
     domain_for_client,
     federate,
-    gather_batch,
     iid_partition,
     load_digits,
     partition_by_proportions,
     pooled_test,
-    round_batches,
     stack_clients,
-    steps_per_epoch,
-    valid_steps,
 )
+from fedjax_bn.execution import gather_batch, round_batches, steps_per_epoch, valid_steps
 
 FAST = settings(max_examples=20, deadline=None, derandomize=True)
 

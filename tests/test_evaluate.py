@@ -20,10 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fedjax_bn as fb
-from fedjax_bn.algorithms import ServerState
+from fedjax_bn.algorithms import FedState
 from fedjax_bn.data import FederatedData, stack_clients
 from fedjax_bn.evaluate import client_model, global_variables
-from fedjax_bn.tree import merge
+from fedjax_bn.policy import merge
 
 K = 4  # classes
 C = 3  # clients
@@ -50,17 +50,22 @@ def digits_like(test_sizes: tuple[int, ...], seed: int) -> FederatedData:
     return FederatedData(train=split(train_sizes, 0), test=split(test_sizes, 10), num_classes=K)
 
 
-def build(policy: str) -> tuple[Any, ServerState]:
+def build(policy: str) -> tuple[Any, FedState]:
     """The algorithm for ``policy`` on BNLogits and its initial state."""
     alg = {"fedavg": fb.fedavg, "fedbn": fb.fedbn, "silobn": fb.silobn}[policy](BNLogits(), sgd())
     return alg, alg.init(jax.random.key(0), jnp.zeros((1, 1, 1, K)), C)
 
 
-def with_local_means(state: ServerState, means_CK: np.ndarray) -> ServerState:
+def with_local(state: FedState, local: dict[str, Any]) -> FedState:
+    """``state`` with the clients' local leaves replaced by ``local``."""
+    return state._replace(clients=state.clients._replace(local=local))
+
+
+def with_local_means(state: FedState, means_CK: np.ndarray) -> FedState:
     """``state`` with per-client BN running means ``means_CK`` (variances 1)."""
-    local = dict(state.local)
+    local = dict(state.clients.local)
     local["batch_stats"] = {"norm": {"mean": jnp.asarray(means_CK), "var": jnp.ones((C, K))}}
-    return state._replace(local=local)
+    return with_local(state, local)
 
 
 def expected_accuracy(y: np.ndarray, predicted: int) -> float:
@@ -73,9 +78,9 @@ def test_fedbn_clients_are_evaluated_with_their_own_bn() -> None:
     alg, state = build("fedbn")
     bias = np.zeros((C, K), np.float32)
     bias[np.arange(C), np.arange(C)] = 10.0
-    local = dict(state.local)
+    local = dict(state.clients.local)
     local["params"] = {"norm": {"scale": jnp.ones((C, K)), "bias": jnp.asarray(bias)}}
-    state = state._replace(local=local)
+    state = with_local(state, local)
     data = digits_like((5, 0, 7), seed=1)
     assert fb.evaluate_global(alg, state, data) is None
     assert global_variables(alg, state, data.train.n) is None
@@ -118,12 +123,13 @@ def test_fedavg_global_model_is_shared_plus_pooled() -> None:
     alg, state = build("fedavg")
     mean = np.zeros(K, np.float32)
     mean[3] = -10.0
-    state = state._replace(
-        pooled={"batch_stats": {"norm": {"mean": jnp.asarray(mean), "var": jnp.ones(K)}}}
-    )
+    pooled = {"batch_stats": {"norm": {"mean": jnp.asarray(mean), "var": jnp.ones(K)}}}
+    state = state._replace(server=state.server._replace(pooled=pooled))
     data = digits_like((5, 3, 7), seed=3)
     variables = global_variables(alg, state, data.train.n)
-    assert jax.tree.structure(variables) == jax.tree.structure(merge(state.shared, state.pooled))
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        merge(state.server.shared, state.server.pooled)
+    )
     g = fb.evaluate_global(alg, state, data)
     _, y = fb.data.pooled_test(data)
     assert g.accuracy == pytest.approx(expected_accuracy(y, 3))

@@ -25,10 +25,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fedjax_bn as fb
-from fedjax_bn.cohort import client_order, make_plan, padded_fraction, real_steps
 from fedjax_bn.data import ClientArrays
-from fedjax_bn.execute import EXECUTORS, choose_executor, make_round
-from fedjax_bn.sequential import schedule
+from fedjax_bn.execution import EXECUTORS, choose_executor, make_round
+from fedjax_bn.execution.plan import client_order, make_plan, padded_fraction, real_steps, schedule
 
 SIZES = (5, 10, 3)  # different sizes and partial last batches: 2, 3 and 1 steps per epoch
 B, EPOCHS, ROUNDS = 4, 2, 3
@@ -121,8 +120,8 @@ SHARDED_SCRIPT = textwrap.dedent(
     assert jax.device_count() == 8, jax.devices()
     from conftest import assert_trees_close, make_clients, tiny_cnn
     import fedjax_bn as fb
-    from fedjax_bn.execute import make_round
-    from fedjax_bn.sharding import client_mesh, place
+    from fedjax_bn.execution import make_round
+    from fedjax_bn.execution.sharded import client_mesh, place
 
     alg = fb.fedbn_prox(tiny_cnn(), optax.sgd(0.05, momentum=0.9), mu=0.1,
                         persist_client_optimizer=True)
@@ -140,7 +139,7 @@ SHARDED_SCRIPT = textwrap.dedent(
             out[ex] = (s, res)
         assert_trees_close(out["sharded"], out["vmap"], rtol=1e-4, atol=1e-5)
         if len(sizes) == 8:
-            leaf = jax.tree.leaves(out["sharded"][0].local)[0]
+            leaf = jax.tree.leaves(out["sharded"][0].clients.local)[0]
             assert len(leaf.sharding.device_set) == 8, leaf.sharding
             assert leaf.addressable_shards[0].data.shape[0] == 1
     print("SHARDED OK")

@@ -148,10 +148,10 @@ def test_round_divergences_zero_for_identical_clients_positive_when_shifted(make
 def test_affine_divergence_finds_bn_params_structurally() -> None:
     alg = fb.fedbn(tiny_cnn(), optax.sgd(0.1))
     state = alg.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), 4)
-    layers = monitor.bn_affine_divergence(state.local)
+    layers = monitor.bn_affine_divergence(state.clients.local)
     assert list(layers) == ["ConvBNReLU_0/BatchNorm_0"]
     assert float(layers["ConvBNReLU_0/BatchNorm_0"]) == 0.0
-    bumped = jax.tree.map(lambda a: a, state.local)
+    bumped = jax.tree.map(lambda a: a, state.clients.local)
     scale = bumped["params"]["ConvBNReLU_0"]["BatchNorm_0"]["scale"]
     bumped["params"]["ConvBNReLU_0"]["BatchNorm_0"]["scale"] = scale.at[0].add(1.0)
     # Client 0 differs by 1 on every channel: 3 of the 6 pairs.

@@ -1,4 +1,5 @@
-"""Tests for fedjax_bn.tree: structural BN detection, the policy table, partition/merge."""
+"""Tests for fedjax_bn.policy and fedjax_bn.tree: structural BN detection, the policy table,
+partition/merge, generic tree checks."""
 
 from __future__ import annotations
 
@@ -12,18 +13,16 @@ from conftest import CounterModel, assert_trees_equal, init_shapes, random_like,
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedjax_bn.tree import (
+from fedjax_bn.policy import (
     POLICIES,
     bn_module_paths,
     bn_param_mask,
     check_policy,
-    check_same_structure,
-    flatten,
-    is_integer_leaf,
     leaf_role,
     merge,
     partition,
 )
+from fedjax_bn.tree import check_same_structure, flatten, is_integer_leaf
 
 X = jnp.ones((2, 4, 4, 1), jnp.float32)
 

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.local_epochs = 1
     c.executor = "sequential"  # any executor fedjax_bn.make_round knows
     c.mu = 1e-3  # FedProx proximal weight (fedprox, fedbn_prox, fedprox_bn_eval)
+    c.server_lr = 0.0  # fedavgm/fedadam/fedyogi/fedadagrad server lr; 0: the factory's default
     c.out_dir = ""  # empty: results/<name>-<timestamp>
     c.progress = True  # tqdm bar per run
     # jax's persistent compilation cache: runs sharing programs (and every later invocation)

@@ -1,9 +1,10 @@
-"""Data: digits and tensorflow-datasets sets, client partitions, feature-shift domains, batching."""
+"""Data: digits, Fashion-MNIST and tensorflow-datasets sets, partitions, domains, batching."""
 
 from fedjax_bn.data.builders import (
     digits_feature_shift,
     digits_iid,
     digits_label_skew,
+    feature_shift,
     iid,
     label_skew,
 )
@@ -21,17 +22,25 @@ from fedjax_bn.data.domains import (
     noise,
     rotate90,
 )
+from fedjax_bn.data.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    fashion_mnist_feature_shift,
+    fashion_mnist_files,
+    fashion_mnist_iid,
+    fashion_mnist_label_skew,
+    load_fashion_mnist,
+)
 from fedjax_bn.data.federated import (
     ClientArrays,
     FederatedData,
+    check_client_labels,
     federate,
-    gather_batch,
+    from_client_arrays,
     pooled_test,
-    round_batches,
     stack_clients,
-    steps_per_epoch,
-    valid_steps,
 )
+from fedjax_bn.data.idx import read_idx, write_idx
 from fedjax_bn.data.partition import (
     dirichlet_partition,
     dirichlet_partition_with_proportions,
@@ -43,6 +52,8 @@ from fedjax_bn.data.tfds import DatasetNotPreparedError, load_tfds, tfds_iid, tf
 
 __all__ = [
     "DOMAINS",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
     "ClientArrays",
     "DatasetNotPreparedError",
     "FederatedData",
@@ -55,10 +66,16 @@ __all__ = [
     "dirichlet_partition_with_proportions",
     "dirichlet_proportions",
     "domain_for_client",
+    "fashion_mnist_feature_shift",
+    "fashion_mnist_files",
+    "fashion_mnist_iid",
+    "fashion_mnist_label_skew",
+    "feature_shift",
+    "check_client_labels",
     "federate",
+    "from_client_arrays",
     "flip",
     "gamma",
-    "gather_batch",
     "identity",
     "invert",
     "iid",
@@ -66,15 +83,15 @@ __all__ = [
     "label_skew",
     "load_tfds",
     "load_digits",
+    "load_fashion_mnist",
     "low_contrast",
     "noise",
     "partition_by_proportions",
     "pooled_test",
+    "read_idx",
     "rotate90",
-    "round_batches",
     "stack_clients",
-    "steps_per_epoch",
     "tfds_iid",
     "tfds_label_skew",
-    "valid_steps",
+    "write_idx",
 ]

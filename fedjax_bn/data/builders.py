@@ -1,4 +1,4 @@
-"""Ready-made federated data sets: generic IID and Dirichlet label skew, and the digits ones."""
+"""Ready-made federated data sets: generic IID, Dirichlet label skew and feature shift; digits."""
 
 from __future__ import annotations
 
@@ -101,25 +101,46 @@ def _client_seed(seed: int, client: int) -> int:
     return int(np.random.SeedSequence((seed, client)).generate_state(1)[0])
 
 
-def digits_feature_shift(num_clients: int = 10, *, seed: int = 0) -> FederatedData:
-    """Digits split IID, with client c's images drawn from domain ``domain_for_client(c)``.
+def feature_shift(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    num_classes: int,
+    num_clients: int,
+    seed: int,
+) -> FederatedData:
+    """Any (train, test) arrays split IID, client c's images in domain ``domain_for_client(c)``.
 
-    Mimics FedBN's multi-domain digits: same labels everywhere, shifted feature statistics.
+    Images must be float NHWC in [0, 1] (what the ``domains`` transforms take; divide uint8
+    images by 255 first); the clients' images come back as float32. Same labels everywhere,
+    shifted feature statistics, as in FedBN's multi-domain digits.
     """
-    x_tr, y_tr, x_te, y_te = load_digits(seed=seed)
     names = tuple(domain_for_client(c) for c in range(num_clients))
     transforms = [
         functools.partial(apply_domain, name=name, seed=_client_seed(seed, c))
         for c, name in enumerate(names)
     ]
     return federate(
-        x_tr,
-        y_tr,
-        iid_partition(len(y_tr), num_clients, seed=seed),
-        x_te,
-        y_te,
-        iid_partition(len(y_te), num_clients, seed=seed + 1),
-        num_classes=NUM_DIGIT_CLASSES,
+        x_train,
+        y_train,
+        iid_partition(len(y_train), num_clients, seed=seed),
+        x_test,
+        y_test,
+        iid_partition(len(y_test), num_clients, seed=seed + 1),
+        num_classes=num_classes,
         transforms=transforms,
         domains=names,
+    )
+
+
+def digits_feature_shift(num_clients: int = 10, *, seed: int = 0) -> FederatedData:
+    """Digits split IID, with client c's images drawn from domain ``domain_for_client(c)``.
+
+    Mimics FedBN's multi-domain digits: same labels everywhere, shifted feature statistics.
+    """
+    x_tr, y_tr, x_te, y_te = load_digits(seed=seed)
+    return feature_shift(
+        x_tr, y_tr, x_te, y_te, num_classes=NUM_DIGIT_CLASSES, num_clients=num_clients, seed=seed
     )

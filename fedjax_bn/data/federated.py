@@ -1,8 +1,8 @@
-"""The federated data set type (clients stacked and zero-padded) and on-device batching."""
+"""The federated data set type: clients stacked and zero-padded, built from index parts or
+from per-client arrays the user already has."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import flax.struct
@@ -145,57 +145,54 @@ def pooled_test(data: FederatedData) -> tuple[np.ndarray, np.ndarray]:
     return x_out, y_out
 
 
-def steps_per_epoch(n_max: int, batch_size: int) -> int:
-    """Batches per epoch of the padded layout: ceil(n_max / batch_size)."""
-    if n_max < 1 or batch_size < 1:
-        raise ValueError(f"n_max and batch_size must be >= 1, got {n_max} and {batch_size}.")
-    return math.ceil(n_max / batch_size)
+def from_client_arrays(
+    train_xs: Sequence[np.ndarray],
+    train_ys: Sequence[np.ndarray],
+    test_xs: Sequence[np.ndarray],
+    test_ys: Sequence[np.ndarray],
+    *,
+    num_classes: int,
+    domains: tuple[str, ...] = (),
+) -> FederatedData:
+    """``FederatedData`` from a partition the user already has: one (x, y) array pair per
+    client for train and for test (``x`` ``[n_c, H, W, C]``, ``y`` ``[n_c]`` integer labels).
 
-
-def _epoch_layout(key: jax.Array, n_c: jax.Array, n_max: int, padded: int):
-    """One epoch for one client: (idx [padded], mask [padded]) with valid positions first."""
-    perm = jax.random.permutation(key, n_max)
-    # Stable sort keeps the random order of the valid positions and pushes invalid ones last.
-    order = jnp.argsort(perm >= n_c, stable=True)
-    positions = jnp.arange(n_max)
-    mask = positions < n_c
-    idx = jnp.where(mask, perm[order], 0).astype(jnp.int32)
-    pad = padded - n_max
-    return jnp.pad(idx, (0, pad)), jnp.pad(mask, (0, pad))
-
-
-def round_batches(
-    key: jax.Array, n: jax.Array, n_max: int, batch_size: int, epochs: int
-) -> tuple[jax.Array, jax.Array]:
-    """Per-client shuffled batch indices and masks for one round of local training.
-
-    Returns (idx [C, S, B] int32, mask [C, S, B] bool), S = epochs * ceil(n_max / B). Each
-    epoch visits each of client c's ``n[c]`` examples once; padded slots point at index 0 and
-    are masked. Pure jnp (n_max, batch_size, epochs static), so it jits with the round.
+    Every client needs at least one train example; test arrays may be empty.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}.")
-    spe = steps_per_epoch(n_max, batch_size)
-    num_clients = n.shape[0]
-    keys = jax.vmap(lambda k: jax.random.split(k, epochs))(jax.random.split(key, num_clients))
-    layout = jax.vmap(  # over clients
-        jax.vmap(_epoch_layout, in_axes=(0, None, None, None)),  # over epochs
-        in_axes=(0, 0, None, None),
+    if len(train_xs) != len(test_xs):
+        raise ValueError(
+            f"got {len(train_xs)} train clients but {len(test_xs)} test clients; "
+            "give one train and one test array pair per client."
+        )
+    empty = [c for c, y in enumerate(train_ys) if len(y) == 0]
+    if empty:
+        raise ValueError(f"clients {empty} have no train examples; every client needs >= 1.")
+    for what, ys in (("train", train_ys), ("test", test_ys)):
+        nonempty = [np.asarray(y) for y in ys if len(y)]
+        if nonempty:
+            _check_labels(np.concatenate(nonempty), num_classes, what)
+    if domains and len(domains) != len(train_xs):
+        raise ValueError(f"got {len(domains)} domain names for {len(train_xs)} clients.")
+    return FederatedData(
+        train=stack_clients(train_xs, train_ys),
+        test=stack_clients(test_xs, test_ys),
+        num_classes=num_classes,
+        domains=tuple(domains),
     )
-    idx, mask = layout(keys, jnp.asarray(n), n_max, spe * batch_size)
-    shape = (num_clients, epochs * spe, batch_size)
-    return idx.reshape(shape), mask.reshape(shape)
 
 
-def valid_steps(n_c: int, n_max: int, batch_size: int, epochs: int) -> np.ndarray:
-    """Host: the steps in [0, S) of ``round_batches`` that hold any example of a size-n_c client."""
-    spe = steps_per_epoch(n_max, batch_size)
-    if not 0 <= n_c <= n_max:
-        raise ValueError(f"n_c must lie in [0, n_max={n_max}], got {n_c}.")
-    real = math.ceil(n_c / batch_size)
-    return np.array([e * spe + j for e in range(epochs) for j in range(real)], dtype=np.int64)
+def check_client_labels(arrays: ClientArrays, num_classes: int) -> None:
+    """Raise a ValueError when a real (unpadded) label lies outside ``[0, num_classes)``.
 
-
-def gather_batch(x_N: jax.Array, y_N: jax.Array, idx_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Gathers one batch of a client's examples by index along axis 0."""
-    return jnp.take(x_N, idx_B, axis=0), jnp.take(y_N, idx_B, axis=0)
+    A host check, meant to run once per data set (a bad label would otherwise train silently
+    into a NaN or meaningless model).
+    """
+    y, n = (np.asarray(a) for a in jax.device_get((arrays.y, arrays.n)))
+    real = np.arange(y.shape[1])[None, :] < n[:, None]
+    bad = y[real & ((y < 0) | (y >= num_classes))]
+    if bad.size:
+        raise ValueError(
+            f"client labels must lie in [0, {num_classes}) (the model's number of outputs), "
+            f"found values in [{bad.min()}, {bad.max()}]; fix the labels or the model's "
+            "num_classes."
+        )

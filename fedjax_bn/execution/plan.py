@@ -1,6 +1,7 @@
-"""What every executor shares: the round's result type and the static plan of its local steps.
+"""The static plan of a round's local steps: groups for the lockstep executors, call schedules
+for the sequential one.
 
-A round's batches come from one canonical layout (``data.round_batches``): client ``c`` gets
+A round's batches come from one canonical layout (``batches.round_batches``): client ``c`` gets
 ``S = epochs * ceil(n_max / B)`` steps, and in each epoch its ``ceil(n_c / B)`` real steps come
 first, then masked no-op steps. Executors that run clients in lockstep (vmap, chunked, sharded)
 pay for those no-op steps; a :class:`Plan` cuts them down by grouping clients of similar size,
@@ -14,22 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
-import jax
 import numpy as np
 
-from fedjax_bn.data import steps_per_epoch
+from fedjax_bn.execution.batches import steps_per_epoch
 
-Array = jax.Array
-
-
-class RoundResult(NamedTuple):
-    """Per-client training metrics of one round (each [C])."""
-
-    loss: Array
-    accuracy: Array
-    num_seen: Array
+# One sequential dispatch: (first step, number of steps, masked?).
+Call = tuple[int, int, bool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,3 +147,17 @@ def padded_fraction(
     sizes = [int(n) for n in sizes]
     plan = make_plan(sizes, batch_size, local_epochs, max(sizes), num_groups=num_groups)
     return plan.padded_fraction()
+
+
+def schedule(n_c: int, n_max: int, batch_size: int, epochs: int, per_call: int) -> list[Call]:
+    """A client's jitted calls for ``sequential``: runs of up to ``per_call`` full steps, then
+    the partial step, per epoch. A client with no data has no calls."""
+    spe = steps_per_epoch(n_max, batch_size)
+    full, partial = divmod(n_c, batch_size)
+    calls: list[Call] = []
+    for e in range(epochs):
+        for s in range(0, full, per_call):
+            calls.append((e * spe + s, min(per_call, full - s), False))
+        if partial:
+            calls.append((e * spe + full, 1, True))
+    return calls

@@ -1,9 +1,10 @@
 """The sharded executor: the client axis split over a ``jax.sharding.Mesh`` of devices.
 
-Each device runs its block of clients with the vmap (or chunked) executor's group function
-under ``jax.shard_map``; aggregation is the same ``server_update``, a weighted mean over the
-sharded client axis that XLA lowers to an all-reduce. A cohort whose size is not a multiple of
-the device count is padded with dummy clients whose results are dropped.
+Each device runs its block of clients with the lockstep group function under
+``jax.shard_map``; aggregation is the same ``server_update``, a weighted mean over the sharded
+client axis that XLA lowers to an all-reduce. A cohort whose size is not a multiple of the
+device count is padded with dummy clients whose results are dropped. Placement follows the
+state layout: ``FedState.server`` replicated, every leaf of ``FedState.clients`` split.
 
 Place the per-client arrays once with :func:`place` so that rounds move no data between
 devices. Several hosts (one process per host):
@@ -21,17 +22,18 @@ devices. Several hosts (one process per host):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fedjax_bn import client as client_lib
-from fedjax_bn.algorithms import ServerState
-from fedjax_bn.cohort import Group
+from fedjax_bn.algorithms.base import Algorithm, FedState
 from fedjax_bn.data import ClientArrays
-from fedjax_bn.vectorized import GroupRunner, Inputs, run_clients
+from fedjax_bn.execution.lockstep import GroupRunner, Inputs, Outputs, run_clients
+from fedjax_bn.execution.loop import LocalLoop
+from fedjax_bn.execution.plan import Group
 
 CLIENTS = "clients"
 
@@ -52,7 +54,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def place(state: ServerState, train: ClientArrays, mesh: Mesh) -> tuple[ServerState, ClientArrays]:
+def _laid_out(state: FedState, mesh: Mesh, put: Callable[[Any, NamedSharding], Any]) -> FedState:
+    split, full = client_sharding(mesh), replicated(mesh)
+    return FedState(put(state.server, full), put(state.clients, split), put(state.round, full))
+
+
+def place(state: FedState, train: ClientArrays, mesh: Mesh) -> tuple[FedState, ClientArrays]:
     """Put per-client arrays on their devices (client axis sharded) and global ones everywhere.
 
     Needs the number of clients to be a multiple of the mesh size; otherwise leave them where
@@ -64,24 +71,21 @@ def place(state: ServerState, train: ClientArrays, mesh: Mesh) -> tuple[ServerSt
             f"{num} clients do not split evenly over {mesh.size} devices; pass the arrays "
             "unplaced (the round pads the cohort) or use a mesh of a divisor of the client count."
         )
-    split, full = client_sharding(mesh), replicated(mesh)
-    state = ServerState(
-        jax.device_put(state.shared, full),
-        jax.device_put(state.pooled, full),
-        jax.device_put(state.local, split),
-        jax.device_put(state.client_opt, split),
-        jax.device_put(state.round, full),
-    )
-    return state, jax.device_put(train, split)
+    return _laid_out(state, mesh, jax.device_put), jax.device_put(train, client_sharding(mesh))
+
+
+def constrain_state(state: FedState, mesh: Mesh) -> FedState:
+    """Keep the new state laid out as :func:`place` lays it out."""
+    return _laid_out(state, mesh, jax.lax.with_sharding_constraint)
 
 
 def sharded_runner(
-    mesh: Mesh, alg: Any, loop: client_lib.LocalLoop, chunk_size: int | None
+    mesh: Mesh, alg: Algorithm, loop: LocalLoop, chunk_size: int | None
 ) -> GroupRunner:
     """A group function that runs each device's block of clients with ``run_clients``."""
     spec = PartitionSpec(CLIENTS)
 
-    def run(group: Group, state: ServerState, inputs: Inputs) -> client_lib.ClientResult:
+    def run(group: Group, server: Any, inputs: Inputs) -> Outputs:
         inputs = jax.lax.with_sharding_constraint(inputs, client_sharding(mesh))
         body = jax.shard_map(
             lambda s, i: run_clients(alg, loop, chunk_size, group, s, i),
@@ -93,19 +97,6 @@ def sharded_runner(
             # is a psum) would sum client gradients across devices.
             check_vma=False,
         )
-        return body(state, inputs)
+        return body(server, inputs)
 
     return run
-
-
-def constrain_state(state: ServerState, mesh: Mesh) -> ServerState:
-    """Keep the new server state laid out as :func:`place` lays it out."""
-    split, full = client_sharding(mesh), replicated(mesh)
-    wsc = jax.lax.with_sharding_constraint
-    return ServerState(
-        wsc(state.shared, full),
-        wsc(state.pooled, full),
-        wsc(state.local, split),
-        wsc(state.client_opt, split),
-        wsc(state.round, full),
-    )

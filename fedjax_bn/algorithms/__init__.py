@@ -1,0 +1,49 @@
+"""Federated algorithms: one module per family, all built on the protocol in ``base.py``.
+
+Adding an algorithm is one module here plus a line in ``experiments/registry.py``.
+"""
+
+from fedjax_bn.algorithms.base import (
+    Algorithm,
+    FedState,
+    client_variables,
+    init_variables,
+    model_parts,
+)
+from fedjax_bn.algorithms.fedavg import (
+    ClientState,
+    Message,
+    ServerState,
+    fedavg,
+    fedbn,
+    fedbn_prox,
+    fedprox,
+    make_algorithm,
+    server_step,
+    silobn,
+)
+from fedjax_bn.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
+from fedjax_bn.algorithms.scaffold import scaffold
+
+__all__ = [
+    "Algorithm",
+    "ClientState",
+    "FedState",
+    "Message",
+    "ServerState",
+    "client_variables",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedavgm",
+    "fedbn",
+    "fedbn_prox",
+    "fedprox",
+    "fedyogi",
+    "init_variables",
+    "make_algorithm",
+    "model_parts",
+    "scaffold",
+    "server_step",
+    "silobn",
+]

@@ -1,0 +1,88 @@
+"""The algorithm protocol and the state layout every executor relies on (optax's shape).
+
+An :class:`Algorithm` is a NamedTuple of pure functions built by a factory; it owns its math.
+Executors (``fedjax_bn.execution``) own how clients run and call only these functions:
+
+``init(rng_or_variables, sample_x, num_clients) -> FedState``
+    the starting state; a PRNG key initializes the model, a variables dict (e.g. weights
+    converted from another framework) is taken as the starting model.
+``client_init(server, client) -> carry``
+    a client's round starts from the replicated server state and its own client state;
+``client_step(carry, batch) -> carry``
+    one local optimizer step on a :class:`~fedjax_bn.client.Batch` (a fully masked batch is a
+    no-op), the same function under ``vmap``, ``scan``, ``shard_map`` or a host loop;
+``client_final(carry) -> (message, client, metrics)``
+    what the client sends, its new persistent state, and its round metrics;
+``server_update(server, messages, weights_C) -> server``
+    folds the stacked messages (every leaf ``[C, ...]``) back, weighted by ``weights_C``.
+
+The state is ``FedState(server, clients, round)``: ``server`` is replicated; every leaf of
+``clients`` has a leading client axis. Executors gather, run, scatter, place and shard
+``clients`` by that layout, never by field names. An algorithm's server and client states are
+its own NamedTuples; those holding a model carry ``shared`` and ``pooled`` (server) and
+``local`` (client) so that :func:`model_parts` and the policy module can build models from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedjax_bn.client import Batch, ClientMetrics
+from fedjax_bn.policy import Parts, Policy, merge
+from fedjax_bn.tree import Variables, check_same_structure
+
+Array = jax.Array
+
+
+class FedState(NamedTuple):
+    """The whole federation: replicated ``server``, per-client ``clients`` ``[C, ...]``, round."""
+
+    server: Any
+    clients: Any
+    round: Array
+
+
+class Algorithm(NamedTuple):
+    """A federated algorithm: its BN policy, model, and pure functions (see module docstring)."""
+
+    name: str
+    policy: Policy
+    model: nn.Module
+    init: Callable[[Any, Array, int], FedState]
+    client_init: Callable[[Any, Any], Any]
+    client_step: Callable[[Any, Batch], Any]
+    client_final: Callable[[Any], tuple[Any, Any, ClientMetrics]]
+    server_update: Callable[[Any, Any, Array], Any]
+    local: Any = None  # the LocalTraining spec where the algorithm has one (models, tests)
+
+
+def init_variables(model: nn.Module, rng_or_variables: Any, sample_x: Array) -> Variables:
+    """The starting model: ``model.init(rng)``, or given variables checked against its shapes."""
+    if isinstance(rng_or_variables, Mapping):
+        want = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample_x)
+        given = jax.tree.map(jnp.asarray, dict(rng_or_variables))
+        check_same_structure(dict(want), given, "given starting variables")
+        return given
+    return jax.tree.map(jnp.asarray, dict(model.init(rng_or_variables, sample_x, train=False)))
+
+
+def check_num_clients(num_clients: int) -> None:
+    """Raise a ValueError unless there is at least one client."""
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}.")
+
+
+def model_parts(state: FedState) -> Parts:
+    """Global shared and pooled variables and the clients' stacked local leaves of a state."""
+    return Parts(state.server.shared, state.server.pooled, state.clients.local)
+
+
+def client_variables(state: FedState, c: int) -> Variables:
+    """Client ``c``'s personal model: the global leaves plus its own local leaves."""
+    local = jax.tree.map(lambda a: a[c], state.clients.local)
+    return merge(state.server.shared, state.server.pooled, local)

@@ -1,0 +1,199 @@
+"""FedAvg, FedProx, FedBN, SiloBN and the server-optimizer family as one factory over a BN policy.
+
+The client side trains the merged model (global shared + pooled leaves, its own local leaves)
+with :func:`fedjax_bn.client.train_step`; the server side averages what the policy shares,
+pools or averages BN statistics, and may step the averaged parameters with a server optimizer
+(Reddi et al. 2021): ``server_tx`` sees the pseudo-gradient ``global - weighted mean`` of the
+shared *float* parameters only; BN running statistics are pooled, never stepped; integer leaves
+keep their value and dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_bn import client as client_lib
+from fedjax_bn.aggregate import weighted_mean
+from fedjax_bn.algorithms.base import (
+    Algorithm,
+    FedState,
+    check_num_clients,
+    init_variables,
+)
+from fedjax_bn.client import Batch, ClientMetrics, LocalState, LocalTraining
+from fedjax_bn.models import require_train_keyword
+from fedjax_bn.policy import (
+    BN_STATS,
+    BnStats,
+    Policy,
+    check_policy,
+    float_leaves,
+    merge,
+    partition,
+    pool_batch_stats,
+    with_leaves,
+)
+from fedjax_bn.tree import Variables, check_same_structure, repeat_clients
+
+Array = jax.Array
+
+
+class ServerState(NamedTuple):
+    """Replicated: global shared variables, pooled BN statistics, server optimizer state."""
+
+    shared: Variables
+    pooled: Variables
+    opt_state: Any = None  # server_tx state over the shared float leaves; None without one
+
+
+class ClientState(NamedTuple):
+    """Per client (leading client axis): local leaves, persistent client optimizer state."""
+
+    local: Variables
+    opt_state: Any = None  # None when every round starts a fresh client optimizer
+
+
+class Message(NamedTuple):
+    """What a client sends: its shared and poolable leaves after local training."""
+
+    shared: Variables
+    pooled: Variables
+
+
+class Carry(NamedTuple):
+    """A client mid-round: its local training state and the FedProx anchor (None if mu=0)."""
+
+    local: LocalState
+    anchor: Variables | None
+
+
+def server_tx_init(server_tx: optax.GradientTransformation | None, shared: Variables) -> Any:
+    """The server optimizer's state over the shared float leaves (None without one)."""
+    return None if server_tx is None else server_tx.init(float_leaves(shared))
+
+
+def server_step(
+    server_tx: optax.GradientTransformation | None,
+    shared: Variables,
+    opt_state: Any,
+    mean: Variables,
+) -> tuple[Variables, Any]:
+    """New shared variables from the clients' weighted ``mean``.
+
+    Without ``server_tx`` the mean is the new model (FedAvg). With it, the pseudo-gradient
+    ``shared - mean`` of the float leaves is stepped: ``optax.sgd(1.0)`` gives the mean back.
+    """
+    if server_tx is None:
+        return mean, opt_state
+    old, new = float_leaves(shared), float_leaves(mean)
+    grads = {p: (old[p] - new[p]).astype(old[p].dtype) for p in old}
+    updates, opt_state = server_tx.update(grads, opt_state, old)
+    return with_leaves(shared, optax.apply_updates(old, updates)), opt_state
+
+
+def make_algorithm(
+    model: nn.Module,
+    client_tx: optax.GradientTransformation,
+    *,
+    policy: Policy,
+    mu: float = 0.0,
+    bn_train: bool = True,
+    persist_client_optimizer: bool = False,
+    server_tx: optax.GradientTransformation | None = None,
+    bn_stats: BnStats = "pooled",
+    name: str | None = None,
+) -> Algorithm:
+    """Build an algorithm from a BN policy (``policy.py``) and local/server options.
+
+    ``mu`` > 0 adds FedProx's proximal term over the shared parameters. ``bn_train=False``
+    reproduces the original bug (BN in eval mode while training) on purpose, as an ablation.
+    ``persist_client_optimizer`` keeps each client's optimizer state across rounds.
+    ``server_tx``: an optax transform stepping the averaged shared float parameters (FedAvgM,
+    FedAdam, ...). ``bn_stats``: how fedavg folds BN running statistics, ``"pooled"`` (the
+    statistics of the union of the clients' data) or ``"mean"`` (the plain weighted mean of
+    each statistic, as PyTorch loops and Flower do).
+    """
+    check_policy(policy)
+    require_train_keyword(model)
+    if mu < 0:
+        raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"Unknown bn_stats {bn_stats!r}; valid: {', '.join(BN_STATS)}.")
+    spec = LocalTraining(model=model, tx=client_tx, mu=float(mu), bn_train=bn_train)
+
+    def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
+        check_num_clients(num_clients)
+        variables = init_variables(model, rng_or_variables, sample_x)
+        parts = partition(variables, policy)
+        opt = client_tx.init(variables["params"]) if persist_client_optimizer else None
+        server = ServerState(parts.shared, parts.pooled, server_tx_init(server_tx, parts.shared))
+        clients = repeat_clients(ClientState(parts.local, opt), num_clients)
+        return FedState(server, clients, jnp.zeros((), jnp.int32))
+
+    def client_init(server: ServerState, client: ClientState) -> Carry:
+        variables = merge(server.shared, server.pooled, client.local)
+        local = client_lib.init_state(spec, variables, client.opt_state)
+        return Carry(local, server.shared if mu else None)
+
+    def client_step(carry: Carry, batch: Batch) -> Carry:
+        local = client_lib.train_step(spec, carry.anchor, carry.local, *batch)
+        return carry._replace(local=local)
+
+    def client_final(carry: Carry) -> tuple[Message, ClientState, ClientMetrics]:
+        parts = partition(carry.local.variables, policy)
+        opt = carry.local.opt_state if persist_client_optimizer else None
+        metrics = client_lib.metrics(carry.local)
+        return Message(parts.shared, parts.pooled), ClientState(parts.local, opt), metrics
+
+    def server_update(server: ServerState, messages: Message, weights_C: Array) -> ServerState:
+        check_same_structure(
+            repeat_clients(server.shared, len(weights_C)), messages.shared, "client shared"
+        )
+        mean = weighted_mean(messages.shared, weights_C, server.shared)
+        shared, opt_state = server_step(server_tx, server.shared, server.opt_state, mean)
+        pooled = server.pooled and pool_batch_stats(
+            messages.pooled, weights_C, server.pooled, bn_stats
+        )
+        return ServerState(shared, pooled, opt_state)
+
+    label = name or (policy if mu == 0 else f"{policy}+prox")
+    return Algorithm(
+        label, policy, model, init, client_init, client_step, client_final, server_update, spec
+    )
+
+
+def fedavg(model: nn.Module, client_tx: optax.GradientTransformation, **kw: Any) -> Algorithm:
+    """FedAvg (McMahan 2017): every parameter averaged, BN statistics pooled."""
+    return make_algorithm(model, client_tx, policy="fedavg", name=kw.pop("name", "fedavg"), **kw)
+
+
+def fedprox(
+    model: nn.Module, client_tx: optax.GradientTransformation, mu: float, **kw: Any
+) -> Algorithm:
+    """FedProx (Li et al. 2020): FedAvg plus ``mu/2 ||w - w_global||^2`` on every client."""
+    kw.setdefault("policy", "fedavg")
+    return make_algorithm(model, client_tx, mu=mu, name=kw.pop("name", "fedprox"), **kw)
+
+
+def fedbn(model: nn.Module, client_tx: optax.GradientTransformation, **kw: Any) -> Algorithm:
+    """FedBN (Li et al., ICLR 2021): BN layers (affine and statistics) stay with each client."""
+    return make_algorithm(model, client_tx, policy="fedbn", name=kw.pop("name", "fedbn"), **kw)
+
+
+def silobn(model: nn.Module, client_tx: optax.GradientTransformation, **kw: Any) -> Algorithm:
+    """SiloBN (Andreux et al. 2020): BN affine averaged, BN statistics kept per client."""
+    return make_algorithm(model, client_tx, policy="silobn", name=kw.pop("name", "silobn"), **kw)
+
+
+def fedbn_prox(
+    model: nn.Module, client_tx: optax.GradientTransformation, mu: float, **kw: Any
+) -> Algorithm:
+    """FedProx with local BN: FedBN's policy plus the proximal term on the shared parameters."""
+    return make_algorithm(
+        model, client_tx, policy="fedbn", mu=mu, name=kw.pop("name", "fedbn_prox"), **kw
+    )

@@ -1,0 +1,129 @@
+"""Lockstep executors: a cohort's clients vmapped in one jitted call, or in chunks of ``k``.
+
+The whole round (on-device shuffling and batching with ``jax.random``, every client's local
+steps, aggregation) is one jitted function of a static :class:`~fedjax_bn.execution.plan.Plan`.
+Clients that ran out of data take masked no-op steps; steps that are full for every client of
+a group run with no mask at all. ``sharded.py`` runs the same group function under
+``shard_map``. Client states are gathered and scattered as whole trees: nothing here knows an
+algorithm's fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from fedjax_bn.algorithms.base import Algorithm, FedState
+from fedjax_bn.data import ClientArrays
+from fedjax_bn.execution.batches import round_batches
+from fedjax_bn.execution.loop import LocalLoop, local_steps
+from fedjax_bn.execution.plan import Group, Plan, client_order
+from fedjax_bn.tree import concat_clients, take_client
+
+Array = jax.Array
+
+
+class RoundResult(NamedTuple):
+    """Per-client training metrics of one round (each ``[C]``)."""
+
+    loss: Array
+    accuracy: Array
+    num_seen: Array
+
+
+class Inputs(NamedTuple):
+    """One group's per-client inputs, every leaf with a leading client axis."""
+
+    clients: Any
+    x: Array
+    y: Array
+    idx: Array
+    mask: Array
+
+
+# (message, client state, metrics) of a group's clients, stacked.
+Outputs = tuple[Any, Any, Any]
+GroupRunner = Callable[[Group, Any, Inputs], Outputs]
+
+
+def run_client(alg: Algorithm, server: Any, client: Any, data: Inputs, group: Group, loop: str):
+    """One client's round: ``client_init``, the local loop, ``client_final``."""
+    carry = alg.client_init(server, client)
+    carry = local_steps(
+        alg.client_step,
+        carry,
+        data.x,
+        data.y,
+        data.idx,
+        data.mask,
+        full=group.full,
+        epochs=group.epochs,
+        loop=loop,
+    )
+    return alg.client_final(carry)
+
+
+def run_clients(
+    alg: Algorithm,
+    loop: LocalLoop,
+    chunk_size: int | None,
+    group: Group,
+    server: Any,
+    inputs: Inputs,
+) -> Outputs:
+    """One group's clients: vmapped all at once, or ``chunk_size`` at a time (``lax.map``)."""
+
+    def one(args: Inputs) -> Outputs:
+        return run_client(alg, server, args.clients, args, group, loop)
+
+    if chunk_size is None:
+        return jax.vmap(one)(inputs)
+    return jax.lax.map(one, inputs, batch_size=chunk_size)
+
+
+def group_inputs(
+    group: Group, clients: Any, train: ClientArrays, idx_CSB: Array, mask_CSB: Array
+) -> Inputs:
+    """The group's slice of the per-client inputs (no copy for a whole, in-order cohort)."""
+    steps = np.asarray(group.steps)
+    if len(steps) != idx_CSB.shape[1] or np.any(steps != np.arange(len(steps))):
+        idx_CSB, mask_CSB = idx_CSB[:, steps], mask_CSB[:, steps]
+    if group.clients is None:
+        return Inputs(clients, train.x, train.y, idx_CSB, mask_CSB)
+    sel = np.asarray(group.clients)
+    x, y = train.x[sel, : group.n_hi], train.y[sel, : group.n_hi]
+    return Inputs(take_client(clients, sel), x, y, idx_CSB[sel], mask_CSB[sel])
+
+
+def lockstep_round(
+    alg: Algorithm,
+    plan: Plan,
+    run_group: GroupRunner,
+    state: FedState,
+    train: ClientArrays,
+    key: Array,
+) -> tuple[FedState, RoundResult]:
+    """A whole round, pure and jittable with ``plan`` and ``run_group`` static."""
+    idx_CSB, mask_CSB = round_batches(key, train.n, plan.n_max, plan.batch_size, plan.epochs)
+    parts = []
+    for group in plan.groups:
+        inputs = group_inputs(group, state.clients, train, idx_CSB, mask_CSB)
+        out = run_group(group, state.server, inputs)
+        if group.clients is not None and group.num_real < len(group.clients):
+            out = jax.tree.map(lambda a, k=group.num_real: a[:k], out)
+        parts.append(out)
+    results = concat_clients(parts)
+    order = client_order(plan)
+    if order is not None:
+        results = take_client(results, order)
+    messages, clients, metrics = results
+    server = alg.server_update(state.server, messages, train.n)
+    return FedState(server, clients, state.round + 1), RoundResult(*metrics)
+
+
+def default_local_loop() -> LocalLoop:
+    """``unroll`` on CPU (conv gradients in a while loop are 4-13x slower there), else ``scan``."""
+    return "unroll" if jax.default_backend() == "cpu" else "scan"

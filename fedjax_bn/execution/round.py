@@ -1,0 +1,265 @@
+"""Rounds: ``make_round(alg, executor=...)`` and the executor interface behind it.
+
+An executor is a callable ``(state, train, key, sizes) -> (state, RoundResult)`` that runs one
+round of any :class:`~fedjax_bn.algorithms.Algorithm` through its pure client functions:
+
+- ``sequential``: clients one after another, local steps as jitted calls (``sequential.py``);
+  the fast path on XLA:CPU, where the round costs what its plain train steps cost;
+- ``vmap``: every client in one jitted, vmapped call (fills a GPU/TPU with many small clients);
+- ``chunked``: vmap over chunks of ``chunk_size`` clients, looping over chunks inside the jit
+  (``jax.lax.map(..., batch_size=k)``), to bound memory;
+- ``sharded``: the client axis split over a device mesh, several GPUs/TPUs or hosts
+  (``sharded.py``);
+- ``auto``: picked per backend and cohort size by :func:`choose_executor`, from the benchmark
+  (``experiments/bench.py``); the pick is logged and kept in ``Round.executor``.
+
+All give the same new state and :class:`RoundResult` (up to float reassociation): the same
+on-device batches (``batches.round_batches``), no-op padded steps, the same aggregation. A
+round never re-traces after its first call for the same data: every jitted function is built
+once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from fedjax_bn.algorithms.base import Algorithm, FedState
+from fedjax_bn.data import ClientArrays, check_client_labels
+from fedjax_bn.execution.lockstep import (
+    GroupRunner,
+    RoundResult,
+    default_local_loop,
+    lockstep_round,
+    run_clients,
+)
+from fedjax_bn.execution.loop import LocalLoop, check_loop
+from fedjax_bn.execution.plan import Plan, make_plan
+from fedjax_bn.execution.sequential import SequentialRound
+from fedjax_bn.execution.sharded import client_mesh, constrain_state, sharded_runner
+
+Array = jax.Array
+ExecutorName = Literal["auto", "vmap", "chunked", "sequential", "sharded"]
+EXECUTORS: tuple[str, ...] = ("auto", "vmap", "chunked", "sequential", "sharded")
+# auto on an accelerator: vmap up to this many clients, chunks of AUTO_CHUNK_SIZE above it.
+AUTO_VMAP_MAX_CLIENTS = 1024
+AUTO_CHUNK_SIZE = 256
+logger = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """Runs one round of a cohort whose host-side sizes are ``sizes``."""
+
+    def __call__(
+        self, state: FedState, train: ClientArrays, key: Array, sizes: tuple[int, ...]
+    ) -> tuple[FedState, RoundResult]: ...
+
+
+def choose_executor(
+    num_clients: int, backend: str | None = None, device_count: int | None = None
+) -> str:
+    """``auto``'s pick: ``sequential`` on CPU (XLA:CPU's scan and vmapped convs are slow, see
+    ``docs/design.md``); on GPU/TPU ``sharded`` over several devices, else ``vmap``, or
+    ``chunked`` for a cohort above ``AUTO_VMAP_MAX_CLIENTS``."""
+    backend = backend or jax.default_backend()
+    device_count = jax.device_count() if device_count is None else device_count
+    if backend == "cpu":
+        return "sequential"
+    if device_count > 1:
+        return "sharded"
+    return "vmap" if num_clients <= AUTO_VMAP_MAX_CLIENTS else "chunked"
+
+
+class LockstepRound:
+    """The vmap / chunked / sharded executors: one jitted round per static step plan."""
+
+    def __init__(
+        self,
+        alg: Algorithm,
+        run_group: GroupRunner,
+        *,
+        batch_size: int,
+        local_epochs: int,
+        num_groups: int,
+        mesh: Mesh | None,
+    ) -> None:
+        self.batch_size, self.local_epochs = batch_size, local_epochs
+        self.num_groups, self.mesh = num_groups, mesh
+
+        def round_fn(plan: Plan, state: FedState, train: ClientArrays, key: Array):
+            new_state, result = lockstep_round(alg, plan, run_group, state, train, key)
+            if mesh is not None and plan.num_clients % mesh.size == 0:
+                new_state = constrain_state(new_state, mesh)
+            return new_state, result
+
+        self._round = jax.jit(round_fn, static_argnums=0)
+
+    def plan(self, sizes: tuple[int, ...], n_max: int) -> Plan:
+        """The static step plan for these client sizes."""
+        multiple = self.mesh.size if self.mesh is not None else 1
+        groups = self.num_groups if self.mesh is None else 1
+        return make_plan(
+            sizes, self.batch_size, self.local_epochs, n_max, num_groups=groups, multiple=multiple
+        )
+
+    def __call__(
+        self, state: FedState, train: ClientArrays, key: Array, sizes: tuple[int, ...]
+    ) -> tuple[FedState, RoundResult]:
+        return self._round(self.plan(sizes, train.y.shape[1]), state, train, key)
+
+
+def build_executor(
+    name: str,
+    alg: Algorithm,
+    *,
+    batch_size: int,
+    local_epochs: int,
+    loop: LocalLoop,
+    chunk_size: int | None,
+    num_groups: int,
+    mesh: Mesh | None,
+    steps_per_call: int,
+) -> Executor:
+    """The executor ``name`` (not ``auto``) for ``alg``, its jitted functions built once."""
+    if name == "sequential":
+        return SequentialRound(
+            alg, batch_size=batch_size, local_epochs=local_epochs, steps_per_call=steps_per_call
+        )
+    if name == "chunked" and chunk_size is None:
+        chunk_size = AUTO_CHUNK_SIZE
+    if name == "vmap":
+        chunk_size = None
+    if name == "sharded":
+        mesh = mesh or client_mesh()
+        run_group = sharded_runner(mesh, alg, loop, chunk_size)
+    else:
+        mesh = None
+
+        def run_group(group, server, inputs):
+            return run_clients(alg, loop, chunk_size, group, server, inputs)
+
+    return LockstepRound(
+        alg,
+        run_group,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        num_groups=num_groups,
+        mesh=mesh,
+    )
+
+
+def num_outputs(alg: Algorithm, train: ClientArrays) -> int:
+    """The model's number of outputs (classes), from shapes only (nothing compiles)."""
+    x = jax.ShapeDtypeStruct((1, *train.x.shape[2:]), train.x.dtype)
+
+    def logits(x: Array) -> Array:
+        out, _ = alg.model.init_with_output(jax.random.key(0), x, train=False)
+        return out
+
+    return int(jax.eval_shape(logits, x).shape[-1])
+
+
+class Round:
+    """A round function ``(state, train_arrays, key) -> (state, RoundResult)``.
+
+    Host-side it reads the clients' sizes and checks the labels once per data set (cached on
+    the ``train.n`` array); everything else stays on device. ``executor`` is the executor that
+    runs (``auto`` resolved at the first call); ``padded_fraction(train)`` the share of no-op
+    client-steps it runs.
+    """
+
+    def __init__(self, alg: Algorithm, executor: ExecutorName, **options: Any) -> None:
+        self.alg, self.requested, self.options = alg, executor, options
+        self.executor: str | None = None if executor == "auto" else executor
+        self._sizes_of: Array | None = None
+        self._sizes: tuple[int, ...] = ()
+        self._impl: Executor | None = None
+        self._num_outputs: dict[Any, int] = {}
+
+    def sizes(self, train: ClientArrays) -> tuple[int, ...]:
+        """Host copy of the clients' sizes, read and checked once per ``train.n`` array."""
+        if train.n is not self._sizes_of:
+            sizes = tuple(int(n) for n in np.asarray(jax.device_get(train.n)))
+            if sum(sizes) <= 0:
+                raise ValueError(
+                    "every client of the round has zero training examples: nothing to train "
+                    "on (check the partition, or pass clients that hold data)."
+                )
+            shape = (train.x.shape[2:], train.x.dtype)
+            if shape not in self._num_outputs:  # traces the model once per example shape
+                self._num_outputs[shape] = num_outputs(self.alg, train)
+            check_client_labels(train, self._num_outputs[shape])
+            self._sizes, self._sizes_of = sizes, train.n
+        return self._sizes
+
+    def _resolve(self, train: ClientArrays) -> Executor:
+        if self._impl is None:
+            if self.executor is None:
+                self.executor = choose_executor(int(train.n.shape[0]))
+                logger.info("auto executor: %s on %s", self.executor, jax.default_backend())
+            self._impl = build_executor(self.executor, self.alg, **self.options)
+        return self._impl
+
+    def padded_fraction(self, train: ClientArrays) -> float:
+        """Share of executed client-steps that are masked no-ops (0 for ``sequential``)."""
+        impl = self._resolve(train)
+        if not isinstance(impl, LockstepRound):
+            return 0.0
+        return impl.plan(self.sizes(train), train.y.shape[1]).padded_fraction()
+
+    def __call__(
+        self, state: FedState, train: ClientArrays, key: Array
+    ) -> tuple[FedState, RoundResult]:
+        sizes = self.sizes(train)
+        return self._resolve(train)(state, train, key, sizes)
+
+
+def make_round(
+    alg: Algorithm,
+    *,
+    executor: ExecutorName = "auto",
+    batch_size: int = 32,
+    local_epochs: int = 1,
+    loop: LocalLoop | None = None,
+    chunk_size: int | None = None,
+    num_groups: int = 1,
+    mesh: Mesh | None = None,
+    steps_per_call: int = 1,
+) -> Round:
+    """A round function ``(state, train_arrays, key) -> (state, RoundResult)``.
+
+    ``loop``: local steps as ``scan`` or ``unroll`` (default: unroll on CPU, scan elsewhere);
+    ``chunk_size``: clients per chunk for ``chunked`` (default ``AUTO_CHUNK_SIZE``);
+    ``num_groups``: lockstep executors split the cohort into this many groups of similar size
+    to cut padded steps; ``mesh``: devices for ``sharded`` (default: all);
+    ``steps_per_call``: full steps unrolled into one jitted call by ``sequential``.
+    """
+    if batch_size < 1 or local_epochs < 1:
+        raise ValueError(
+            f"batch_size and local_epochs must be >= 1, got {batch_size} and {local_epochs}."
+        )
+    if executor not in EXECUTORS:
+        raise ValueError(f"Unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if num_groups < 1 or steps_per_call < 1:
+        raise ValueError(
+            f"num_groups and steps_per_call must be >= 1, got {num_groups}, {steps_per_call}."
+        )
+    if loop is not None:
+        check_loop(loop)
+    return Round(
+        alg,
+        executor,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        loop=loop or default_local_loop(),
+        chunk_size=chunk_size,
+        num_groups=num_groups,
+        mesh=mesh,
+        steps_per_call=steps_per_call,
+    )
