@@ -86,7 +86,7 @@ def validate(config: Config) -> Config:
         if int(config[key]) < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {config[key]}.")
     if float(config.server_lr) < 0:
-        raise ConfigError(f"config.server_lr must be >= 0 (0: the default), got {config.server_lr}.")
+        raise ConfigError(f"config.server_lr must be >= 0 (0: default), got {config.server_lr}.")
     model = registry.build_model(config, num_classes=10)
     tx = registry.build_optimizer(config)
     try:  # factories check their hyperparameters; make_round knows the executors

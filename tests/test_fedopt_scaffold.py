@@ -274,13 +274,37 @@ def test_scaffold_with_zero_controls_and_one_step_is_fedavg(policy: str) -> None
     assert all_finite(sc.server.control) and all_finite(sc.clients.control)
 
 
+def test_scaffold_with_mu_applies_the_proximal_term() -> None:
+    """SCAFFOLD's client step keeps FedProx's term: with mu > 0 after two local steps the model
+    differs from mu = 0 (the anchor only matters once the weights moved), as fedprox differs
+    from fedavg."""
+    data = make_clients(12, SIZES, n_max=N_MAX)
+    key = jax.random.key(12)
+    out = {}
+    for mu in (0.0, 5.0):
+        alg = fb.scaffold(MODEL, sgd(), lr=0.1, mu=mu)
+        rnd = fb.make_round(alg, executor="sequential", batch_size=4, local_epochs=1)
+        out[mu], _ = rnd(alg.init(jax.random.key(0), SAMPLE_X, C), data, key)
+    diffs = [
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(
+            jax.tree.leaves(out[0.0].server.shared),
+            jax.tree.leaves(out[5.0].server.shared),
+            strict=True,
+        )
+    ]
+    assert max(diffs) > 1e-6
+
+
 def test_scaffold_controls_cover_shared_params_only() -> None:
     """Under fedbn the control variates hold no BN scale/bias and no batch_stats path, before
     and after a round, on the server and on every client."""
     s0 = start("scaffold", "fedbn")
     want = set(float_leaves(s0.server.shared))
     assert want and not any("CountedBN_0" in p or p[0] == "batch_stats" for p in want)
-    new, _ = round_fn("scaffold", "fedbn")(s0, make_clients(2, SIZES, n_max=N_MAX), jax.random.key(2))
+    new, _ = round_fn("scaffold", "fedbn")(
+        s0, make_clients(2, SIZES, n_max=N_MAX), jax.random.key(2)
+    )
     for state in (s0, new):
         assert set(flatten(state.server.control)) == want
         assert set(flatten(state.clients.control)) == want

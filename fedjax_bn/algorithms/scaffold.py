@@ -109,7 +109,9 @@ def scaffold(
         return ScaffoldCarry(carry, server.shared, correction, client.control)
 
     def client_step(carry: ScaffoldCarry, batch: Batch) -> ScaffoldCarry:
-        local = client_lib.train_step(spec, None, carry.base.local, *batch, carry.correction)
+        local = client_lib.train_step(
+            spec, carry.base.anchor, carry.base.local, *batch, carry.correction
+        )
         return carry._replace(base=carry.base._replace(local=local))
 
     def client_final(
