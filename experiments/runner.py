@@ -100,10 +100,11 @@ def validate(config: Config) -> Config:
 
 
 def enable_compilation_cache(path: str) -> None:
-    """Turn on jax's persistent compilation cache in ``path`` (process-wide; '' leaves it off)."""
+    """jax's persistent compilation cache in ``path`` for this process; '' turns it off."""
     if path:
-        jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        fb.enable_compilation_cache(path)
+    else:
+        fb.disable_compilation_cache()
 
 
 def prepare_out_dir(config: Config) -> Path:

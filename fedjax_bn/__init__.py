@@ -17,6 +17,7 @@ from fedjax_bn.algorithms import (
     scaffold,
     silobn,
 )
+from fedjax_bn.cache import disable_compilation_cache, enable_by_default, enable_compilation_cache
 from fedjax_bn.client import Batch, LocalTraining, train_step
 from fedjax_bn.evaluate import (
     evaluate_clients,
@@ -28,6 +29,8 @@ from fedjax_bn.execution import client_update, make_round
 from fedjax_bn.models import DigitModel, SeedCNN
 from fedjax_bn.policy import bn_param_mask, merge, partition, pool_batch_stats
 
+enable_by_default()  # jax's persistent compilation cache; FEDJAX_BN_COMPILATION_CACHE=0: off
+
 __all__ = [
     "Algorithm",
     "Batch",
@@ -37,6 +40,8 @@ __all__ = [
     "SeedCNN",
     "ServerState",
     "bn_param_mask",
+    "disable_compilation_cache",
+    "enable_compilation_cache",
     "client_update",
     "evaluate_clients",
     "evaluate_global",

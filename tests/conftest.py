@@ -11,6 +11,8 @@ import os
 # Tests compile many tiny programs and run each briefly: XLA:CPU's backend optimizations cost
 # more compile time (~40% of this suite's) than they save. Set XLA_FLAGS yourself to override.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Hermetic tests: no persistent compilation cache unless a test turns one on in a tmp dir.
+os.environ.setdefault("FEDJAX_BN_COMPILATION_CACHE", "0")
 from typing import Any
 
 import flax.linen as nn

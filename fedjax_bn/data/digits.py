@@ -1,10 +1,11 @@
-"""The scikit-learn digits data set (bundled with sklearn, no download) as NHWC arrays."""
+"""The scikit-learn digits data set (bundled with sklearn, no download) as NHWC arrays.
+
+scikit-learn is imported when the digits are loaded, not with ``fedjax_bn`` (it costs seconds).
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import sklearn.datasets
-from sklearn.model_selection import train_test_split
 
 
 def load_digits(
@@ -17,6 +18,9 @@ def load_digits(
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}; pick e.g. 0.2.")
+    import sklearn.datasets
+    from sklearn.model_selection import train_test_split
+
     bunch = sklearn.datasets.load_digits()
     x = (np.asarray(bunch.images, dtype=np.float32) / 16.0)[..., None]
     y = np.asarray(bunch.target, dtype=np.int32)
