@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -213,3 +214,63 @@ def plot_setting(out_dir: Path, setting: str, rows_by_alg: dict[str, list[Row]])
         plt.close(fig)
         paths.append(plots / name)
     return paths
+
+
+def collect(dirs: Sequence[Path]) -> tuple[list[Row], list[Row]]:
+    """(run summaries, all rows) from every ``history/*.jsonl`` under ``dirs``; a run is
+    ``complete`` when it reached its directory's ``config.json`` rounds."""
+    runs, rows = [], []
+    for d in dirs:
+        config = d / "config.json"
+        want = json.loads(config.read_text()).get("rounds") if config.exists() else None
+        for path in sorted((d / "history").glob("*.jsonl")):
+            run_rows = read_history(path)
+            if not run_rows:
+                continue
+            summary = run_summary(run_rows)
+            summary["complete"] = want is not None and run_rows[-1]["round"] >= want
+            runs.append(summary)
+            rows += run_rows
+    return runs, rows
+
+
+def rebuild(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    """``summary.json``, tables (stdout) and plots in ``out`` from the histories in ``dirs``."""
+    runs, rows = collect(dirs)
+    if not runs:
+        raise FileNotFoundError(f"no history/*.jsonl under {', '.join(map(str, dirs))}")
+    results = aggregate(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"sources": [str(d) for d in dirs], "runs": runs, "results": results}
+    write_json(out / "summary.json", summary)
+    by_setting: dict[str, dict[str, list[Row]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by_setting[row["setting"]][row["algorithm"]].append(row)
+    for setting, per_alg in results.items():
+        print("\n" + format_table(setting, per_alg))
+        plot_setting(out, setting, by_setting[setting])
+    for run in runs:
+        state = "complete" if run["complete"] else "INCOMPLETE"
+        name = f"{run['setting']} {run['algorithm']} seed={run['seed']}"
+        print(f"{name}: {run['rounds']} rounds, {state}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m experiments.report DIR [DIR ...] [--out OUT]``: rebuild from history."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=rebuild.__doc__)
+    parser.add_argument("dirs", nargs="+", type=Path, help="run output directories")
+    parser.add_argument("--out", type=Path, help="where to write (default: the first DIR)")
+    args = parser.parse_args(argv)
+    try:
+        rebuild(args.dirs, args.out or args.dirs[0])
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -175,3 +175,25 @@ def test_history_rows_are_strict_json(tmp_path) -> None:
     assert report.read_history(tmp_path / "h.jsonl") == [
         {"round": 1, "x": None, "layers": {"a": None}}
     ]
+
+
+def test_report_rebuilds_from_history_and_marks_incomplete_runs(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert run.main(tiny_argv(out, "--config.rounds=2", "--config.eval_every=2")) == 0
+    cut = report.history_path(out, "digits_feature_shift", "fedbn", 0)
+    cut.write_text(cut.read_text().splitlines()[0] + "\n")  # as if stopped after round 1
+    (out / "summary.json").unlink()
+    rebuilt = tmp_path / "rebuilt"
+    assert report.main([str(out), "--out", str(rebuilt)]) == 0
+    stdout = capsys.readouterr().out
+    assert (
+        "fedbn seed=0: 1 rounds, INCOMPLETE" in stdout
+        and "fedavg seed=0: 2 rounds, complete" in stdout
+    )
+    runs = json.loads((rebuilt / "summary.json").read_text())["runs"]
+    assert {(r["algorithm"], r["rounds"], r["complete"]) for r in runs} == {
+        ("fedavg", 2, True),
+        ("fedbn", 1, False),
+    }
+    assert (rebuilt / "plots" / "accuracy_digits_feature_shift.png").read_bytes()[:8] == PNG_MAGIC
+    assert report.main([str(tmp_path / "nothing")]) == 2
