@@ -1,21 +1,33 @@
-"""Flax linen models whose BatchNorm mode is always explicit.
+"""Flax linen models whose BatchNorm mode is always explicit, with normalization alternatives.
 
 Every ``__call__`` takes a keyword-only ``train: bool`` with no default, so the mode that broke
 the original FedProx (BN silently left in eval mode) cannot be forgotten. ``mask`` marks the real
 examples of a padded batch: BatchNorm computes its batch statistics over them only, so padding
 changes nothing.
+
+``norm`` picks each model's normalization (:data:`NORMS`): ``"batch"`` (the default: exactly
+the BatchNorm layers and parameter names these models always had), ``"group"`` (GroupNorm,
+Hsieh et al. 2020: ``min(groups, C)`` groups per layer), ``"layer"`` (LayerNorm over each
+example's features: ``(H, W, C)`` after a conv, ``C`` after a dense layer) and ``"none"``
+(no normalization layer; convolutions are weight-standardized :class:`WSConv`, the FedWon idea,
+Zhuang & Lyu, ICLR 2024). Only ``"batch"`` keeps ``batch_stats``; the others accept ``mask``
+and ignore it (they normalize each example on its own, so padding cannot leak in).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
+from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+Norm = Literal["batch", "group", "layer", "none"]
+NORMS: tuple[str, ...] = ("batch", "group", "layer", "none")
 
 
 def to_float_images(x: Array) -> Array:
@@ -37,18 +49,127 @@ def batch_norm(train: bool, momentum: float, name: str | None = None) -> nn.Batc
     return nn.BatchNorm(use_running_average=not train, momentum=momentum, name=name)
 
 
+def check_norm(norm: str) -> None:
+    """Raise a ValueError naming the valid normalization choices."""
+    if norm not in NORMS:
+        raise ValueError(f"Unknown norm {norm!r}; valid norms: {', '.join(NORMS)}.")
+
+
+def group_count(channels: int, groups: int, spatial: bool) -> int:
+    """GroupNorm's number of groups for ``channels``: ``min(groups, channels)``, which must
+    divide ``channels``. Groups of one channel are refused without spatial axes (a dense
+    layer's output): each group would be a single value, normalized to zero."""
+    g = min(groups, channels)
+    if groups < 1 or channels % g:
+        raise ValueError(
+            f"GroupNorm: {g} groups (min(groups={groups}, channels)) do not divide {channels} "
+            "channels; choose widths divisible by the group count or another `groups`."
+        )
+    if g == channels and not spatial:
+        raise ValueError(
+            f"GroupNorm with {g} groups of one feature on a {channels}-wide dense layer "
+            "normalizes every value to zero; use fewer groups or a wider layer."
+        )
+    return g
+
+
+def normalize(
+    x: Array,
+    norm: Norm,
+    *,
+    train: bool,
+    mask: Array | None,
+    momentum: float,
+    groups: int,
+) -> Array:
+    """``x`` through the layer ``norm`` names (``"none"``: unchanged); only BatchNorm reads
+    ``train`` and ``mask``. Call inside a compact method: the layer gets the usual auto name."""
+    spatial = x.ndim > 2
+    if norm == "batch":
+        return batch_norm(train, momentum)(x, mask=_bn_mask(mask, x.ndim))
+    if norm == "group":
+        return nn.GroupNorm(num_groups=group_count(x.shape[-1], groups, spatial))(x)
+    if norm == "layer":
+        axes = tuple(range(1, x.ndim))  # every feature axis of one example
+        return nn.LayerNorm(reduction_axes=axes, feature_axes=-1)(x)
+    check_norm(norm)
+    return x
+
+
+def standardize_kernel(kernel: Array, eps: float = 1e-5) -> Array:
+    """A conv kernel ``[H, W, in, out]`` with zero mean and unit variance per output channel
+    (over ``H, W, in``): weight standardization (Qiao et al. 2019)."""
+    axes = tuple(range(kernel.ndim - 1))
+    mean = jnp.mean(kernel, axis=axes, keepdims=True)
+    var = jnp.var(kernel, axis=axes, keepdims=True)
+    return (kernel - mean) * jax.lax.rsqrt(var + eps)
+
+
+def ws_kernel(kernel: Array, gain: Array | None, eps: float = 1e-5) -> Array:
+    """:class:`WSConv`'s effective kernel: ``standardize(W)``, or with a ``gain`` (scaled WS)
+    ``gain * standardize(W) / sqrt(fan_in)``, ``fan_in = H * W * in``."""
+    w = standardize_kernel(kernel, eps)
+    if gain is None:
+        return w
+    return w * gain / math.sqrt(math.prod(kernel.shape[:-1]))
+
+
+class WSConv(nn.Module):
+    """A convolution whose kernel is weight-standardized per output channel before use.
+
+    ``scaled=True`` (the default; FedWon's and NF-Nets' *scaled* WS, Brock et al. 2021) uses
+    ``gain * standardize(W) / sqrt(fan_in)`` with a learnable per-channel ``gain`` (init 1),
+    so activations keep their scale through a network without normalization layers;
+    ``scaled=False`` uses ``standardize(W)`` itself (zero mean, unit variance per channel).
+    The stored ``kernel`` is free; only its standardized form is used (:func:`ws_kernel`).
+    """
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    padding: str = "SAME"
+    scaled: bool = True
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        gain = (
+            self.param("gain", nn.initializers.ones, (self.features,), jnp.float32)
+            if self.scaled
+            else None
+        )
+        y = jax.lax.conv_general_dilated(
+            x,
+            ws_kernel(kernel, gain, self.eps).astype(x.dtype),
+            window_strides=(1,) * len(self.kernel_size),
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+
+
 class ConvBNReLU(nn.Module):
-    """conv(k x k) + BatchNorm + ReLU, optionally followed by 2x2 max pooling."""
+    """conv(k x k) + normalization (BatchNorm unless ``norm`` says otherwise) + ReLU,
+    optionally followed by 2x2 max pooling. ``norm="none"``: a :class:`WSConv` and no norm."""
 
     features: int
     kernel: int = 3
     pool: bool = False
     momentum: float = 0.9
+    norm: Norm = "batch"
+    groups: int = 32  # GroupNorm: min(groups, features) groups
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, mask: Array | None = None) -> Array:
-        x = nn.Conv(self.features, (self.kernel, self.kernel), padding="SAME")(x)
-        x = batch_norm(train, self.momentum)(x, mask=_bn_mask(mask, x.ndim))
+        size = (self.kernel, self.kernel)
+        if self.norm == "none":
+            x = WSConv(self.features, size)(x)
+        else:
+            x = nn.Conv(self.features, size, padding="SAME")(x)
+        x = normalize(
+            x, self.norm, train=train, mask=mask, momentum=self.momentum, groups=self.groups
+        )
         x = nn.relu(x)
         if self.pool:
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
@@ -58,7 +179,8 @@ class ConvBNReLU(nn.Module):
 class SeedCNN(nn.Module):
     """The bug report's model: conv(3x3)+BN+ReLU feature blocks, then a 2-layer FC classifier.
 
-    ``pool`` max-pools after every block; ``hidden`` is the width of the first FC layer.
+    ``pool`` max-pools after every block; ``hidden`` is the width of the first FC layer;
+    ``norm`` replaces the blocks' BatchNorm (module docstring; the classifier has none).
     """
 
     num_classes: int = 10
@@ -66,12 +188,21 @@ class SeedCNN(nn.Module):
     hidden: int = 128
     pool: bool = True
     momentum: float = 0.9
+    norm: Norm = "batch"
+    groups: int = 32  # GroupNorm: min(groups, width) groups per block
+
+    def __post_init__(self) -> None:
+        check_norm(self.norm)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x_BHWC: Array, *, train: bool, mask: Array | None = None) -> Array:
         x = to_float_images(x_BHWC)
         for width in self.widths:
-            x = ConvBNReLU(width, pool=self.pool, momentum=self.momentum)(x, train=train, mask=mask)
+            block = ConvBNReLU(
+                width, pool=self.pool, momentum=self.momentum, norm=self.norm, groups=self.groups
+            )
+            x = block(x, train=train, mask=mask)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.hidden)(x))
         return nn.Dense(self.num_classes)(x)
@@ -81,26 +212,41 @@ class DigitModel(nn.Module):
     """FedBN's digits network (Li et al., ICLR 2021), widths configurable so tests can shrink it.
 
     conv5x5-64+BN+ReLU+pool, conv5x5-64+BN+ReLU+pool, conv5x5-128+BN+ReLU,
-    FC-2048+BN+ReLU, FC-512+BN+ReLU, FC-classes.
+    FC-2048+BN+ReLU, FC-512+BN+ReLU, FC-classes. ``norm`` replaces every BN (module
+    docstring); under ``"none"`` the convs are :class:`WSConv` and the FC layers plain dense.
     """
 
     num_classes: int = 10
     conv_widths: Sequence[int] = (64, 64, 128)
     fc_widths: Sequence[int] = (2048, 512)
     momentum: float = 0.9
+    norm: Norm = "batch"
+    groups: int = 32  # GroupNorm: min(groups, width) groups per layer
+
+    def __post_init__(self) -> None:
+        check_norm(self.norm)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x_BHWC: Array, *, train: bool, mask: Array | None = None) -> Array:
         x = to_float_images(x_BHWC)
         last = len(self.conv_widths) - 1
         for i, width in enumerate(self.conv_widths):
-            x = ConvBNReLU(width, kernel=5, pool=i < last, momentum=self.momentum)(
-                x, train=train, mask=mask
+            block = ConvBNReLU(
+                width,
+                kernel=5,
+                pool=i < last,
+                momentum=self.momentum,
+                norm=self.norm,
+                groups=self.groups,
             )
+            x = block(x, train=train, mask=mask)
         x = x.reshape((x.shape[0], -1))
         for width in self.fc_widths:
             x = nn.Dense(width)(x)
-            x = batch_norm(train, self.momentum)(x, mask=_bn_mask(mask, x.ndim))
+            x = normalize(
+                x, self.norm, train=train, mask=mask, momentum=self.momentum, groups=self.groups
+            )
             x = nn.relu(x)
         return nn.Dense(self.num_classes)(x)
 

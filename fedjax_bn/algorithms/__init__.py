@@ -23,6 +23,7 @@ from fedjax_bn.algorithms.fedavg import (
     silobn,
 )
 from fedjax_bn.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
+from fedjax_bn.algorithms.fixbn import fixbn
 from fedjax_bn.algorithms.scaffold import scaffold
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "fedbn_prox",
     "fedprox",
     "fedyogi",
+    "fixbn",
     "init_variables",
     "make_algorithm",
     "model_parts",

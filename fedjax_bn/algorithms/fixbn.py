@@ -1,0 +1,158 @@
+"""FixBN (Zhong, Chen, Chao, "Making Batch Normalization Great in Federated Deep Learning",
+arXiv 2303.06530): FedAvg with BN until ``fix_round``, then BN frozen on the global statistics.
+
+Two phases, switched by the server's own round counter ``r`` (the executors do not pass the
+round to client functions, so it travels in :class:`FixBNServer`):
+
+- ``r < fix_round`` (exploration): exactly FedAvg. Local training normalizes with batch
+  statistics (``train=True``) and the server pools the clients' running statistics into the
+  statistics of the union of their data (``bn_stats="pooled"``, or ``"mean"`` if asked).
+- ``r >= fix_round`` (calibration): local training normalizes with the *frozen global pooled
+  statistics* (BN in eval mode, ``train=False`` in the forward pass) while every parameter,
+  BN scale and bias included, keeps learning; the server no longer changes the statistics
+  (bitwise: the round-``fix_round`` statistics are kept, not re-pooled).
+
+How this relates to the original bug (``fedprox_bn_eval``, ``bn_train=False``): eval-mode BN
+*from round 0* normalizes with the initial statistics (mean 0, variance 1) that nothing ever
+updates, so training runs on statistics of no data at all: that is the bug. Eval-mode BN with
+good global statistics *after a warm-up* of ordinary BN training is FixBN: training then
+normalizes exactly as the global model is evaluated, with statistics of the union of the
+clients' data, so the local gradients are no longer biased by each client's own mini-batch
+statistics and training and test normalization agree.
+
+Local momentum (the paper complements FixBN by keeping the local SGD momentum instead of
+resetting it every round): each client keeps its own client optimizer state across rounds, the
+FedAvg family's ``persist_client_optimizer``. ``keep_momentum`` says when:
+
+- ``"after_fix"`` (default): fresh client optimizer every round before ``fix_round``, so the
+  exploration phase is plain FedAvg, the baseline FixBN is compared with; from ``fix_round`` on
+  each client resumes its own optimizer state where its last round left it. Chosen so the
+  first phase is exactly FedAvg and the momentum practice applies to the phase it was
+  proposed with;
+- ``"always"``: kept in every round (phase 1 is FedAvg with ``persist_client_optimizer``);
+- ``"never"``: fresh every round (FixBN's statistics rule alone, as an ablation).
+
+The BN-mode switch inside the jitted step is a ``jax.lax.cond`` on a traced flag carried by the
+client's carry, so a round compiles once for both phases and never re-traces at the switch.
+The flag comes from the replicated server state, so under the vmapped executors it stays
+unbatched and the cond runs one branch, not both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_bn import client as client_lib
+from fedjax_bn.algorithms.base import Algorithm, FedState
+from fedjax_bn.algorithms.fedavg import Carry, ClientState, Message, ServerState, make_algorithm
+from fedjax_bn.client import Batch, ClientMetrics
+
+Array = jax.Array
+KeepMomentum = Literal["after_fix", "always", "never"]
+KEEP_MOMENTUM: tuple[str, ...] = ("after_fix", "always", "never")
+
+
+class FixBNServer(NamedTuple):
+    """Replicated: FedAvg's server state plus the number of rounds the server has aggregated."""
+
+    shared: Any
+    pooled: Any
+    opt_state: Any
+    round: Array  # int32; round r's clients see r, so phase 2 is round >= fix_round
+
+
+class FixBNCarry(NamedTuple):
+    """A client mid-round: FedAvg's carry and whether BN is frozen on the global statistics."""
+
+    base: Carry
+    fixed: Array  # bool scalar, from the server's round (unbatched under vmap)
+
+
+def _select(flag: Array, on_true: Any, on_false: Any) -> Any:
+    """Leafwise ``where(flag, on_true, on_false)`` over two trees of one structure."""
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), on_true, on_false)
+
+
+def fixbn(
+    model: nn.Module,
+    client_tx: optax.GradientTransformation,
+    *,
+    fix_round: int,
+    keep_momentum: KeepMomentum = "after_fix",
+    name: str = "fixbn",
+    **kw: Any,
+) -> Algorithm:
+    """FixBN: FedAvg for rounds ``< fix_round``, then local BN on the frozen global statistics.
+
+    ``fix_round`` counts rounds from 0 (``fix_round=0``: frozen on the starting statistics from
+    the first round, i.e. the original bug with momentum kept). ``keep_momentum``: when clients
+    keep their optimizer state across rounds (module docstring). Other keywords (``mu``,
+    ``server_tx``, ``bn_stats``) are :func:`~fedjax_bn.algorithms.make_algorithm`'s; the BN
+    policy is ``fedavg`` (FixBN needs global statistics) and the BN mode is FixBN's own.
+    """
+    if fix_round < 0:
+        raise ValueError(f"fix_round must be >= 0, got {fix_round}.")
+    if keep_momentum not in KEEP_MOMENTUM:
+        raise ValueError(
+            f"Unknown keep_momentum {keep_momentum!r}; valid: {', '.join(KEEP_MOMENTUM)}."
+        )
+    for owned in ("policy", "bn_train", "persist_client_optimizer"):
+        if owned in kw:
+            raise TypeError(f"fixbn sets {owned!r} itself; it cannot be passed.")
+    persist = keep_momentum != "never"
+    base = make_algorithm(
+        model, client_tx, policy="fedavg", persist_client_optimizer=persist, name=name, **kw
+    )
+    train_spec = base.local
+    eval_spec = dataclasses.replace(train_spec, bn_train=False)
+
+    def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
+        state = base.init(rng_or_variables, sample_x, num_clients)
+        server = FixBNServer(*state.server, jnp.zeros((), jnp.int32))
+        return FedState(server, state.clients, state.round)
+
+    def client_init(server: FixBNServer, client: ClientState) -> FixBNCarry:
+        fixed = server.round >= fix_round
+        base_server = ServerState(server.shared, server.pooled, server.opt_state)
+        if keep_momentum == "after_fix":
+            fresh = base.client_init(base_server, client._replace(opt_state=None))
+            opt = _select(fixed, client.opt_state, fresh.local.opt_state)
+            carry = fresh._replace(local=fresh.local._replace(opt_state=opt))
+        else:
+            carry = base.client_init(base_server, client)
+        return FixBNCarry(carry, fixed)
+
+    def client_step(carry: FixBNCarry, batch: Batch) -> FixBNCarry:
+        def step(spec: client_lib.LocalTraining) -> client_lib.LocalState:
+            return client_lib.train_step(spec, carry.base.anchor, carry.base.local, *batch)
+
+        local = jax.lax.cond(carry.fixed, lambda: step(eval_spec), lambda: step(train_spec))
+        return carry._replace(base=carry.base._replace(local=local))
+
+    def client_final(carry: FixBNCarry) -> tuple[Message, ClientState, ClientMetrics]:
+        return base.client_final(carry.base)
+
+    def server_update(server: FixBNServer, messages: Message, weights_C: Array) -> FixBNServer:
+        new = base.server_update(
+            ServerState(server.shared, server.pooled, server.opt_state), messages, weights_C
+        )
+        pooled = _select(server.round >= fix_round, server.pooled, new.pooled)
+        return FixBNServer(new.shared, pooled, new.opt_state, server.round + 1)
+
+    return Algorithm(
+        name,
+        base.policy,
+        model,
+        init,
+        client_init,
+        client_step,
+        client_final,
+        server_update,
+        train_spec,
+    )

@@ -1,0 +1,170 @@
+"""Tests for FixBN (algorithms/fixbn.py): FedAvg before ``fix_round``, frozen BN after.
+
+One geometry (2 clients of sizes SIZES, N_max 8, batch 8: one full-batch step per client, one
+masked) so each round function compiles once. The client optimizer is SGD with momentum, so
+whether momentum is kept across rounds shows in the results.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import (
+    IMAGE_SHAPE,
+    CounterModel,
+    assert_trees_close,
+    assert_trees_equal,
+    make_clients,
+)
+
+import fedjax_bn as fb
+from fedjax_bn.algorithms import Algorithm, ClientState, FedState, ServerState
+
+C, N_MAX, B = 2, 8, 8
+SIZES = (5, 8)
+SAMPLE_X = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+TRACES: collections.Counter[bool] = collections.Counter()
+
+
+class Traced(nn.Module):
+    """CounterModel (dense + BN with an int32 counter + dense) that counts its own traces."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        TRACES[train] += 1  # a Python side effect: runs once per trace, never in compiled code
+        return CounterModel(name="net")(x, train=train, mask=mask)
+
+
+MODEL = Traced()
+TX = optax.sgd(0.1, momentum=0.9)
+
+
+@functools.cache
+def algorithm(name: str) -> Algorithm:
+    """One algorithm object per name, so its jitted rounds are shared by all tests."""
+    build = {
+        "fedavg": lambda: fb.fedavg(MODEL, TX),
+        "fedavg_persist": lambda: fb.fedavg(MODEL, TX, persist_client_optimizer=True),
+        "eval_persist": lambda: fb.make_algorithm(
+            MODEL, TX, policy="fedavg", bn_train=False, persist_client_optimizer=True
+        ),
+        "fixbn2": lambda: fb.fixbn(MODEL, TX, fix_round=2),
+        "fixbn2_always": lambda: fb.fixbn(MODEL, TX, fix_round=2, keep_momentum="always"),
+        "fixbn1": lambda: fb.fixbn(MODEL, TX, fix_round=1),
+    }
+    return build[name]()
+
+
+@functools.cache
+def round_fn(name: str, executor: str = "sequential") -> Any:
+    return fb.make_round(algorithm(name), executor=executor, batch_size=B)
+
+
+def run(name: str, state: FedState, rounds: range, executor: str = "sequential") -> FedState:
+    """``state`` after the given rounds, each on its own data and key (the same for any name)."""
+    for r in rounds:
+        data = make_clients(100 + r, SIZES, n_max=N_MAX)
+        state, _ = round_fn(name, executor)(state, data, jax.random.key(r))
+    return state
+
+
+def start(name: str) -> FedState:
+    return algorithm(name).init(jax.random.key(0), SAMPLE_X, C)
+
+
+def model_of(state: FedState) -> tuple[Any, Any, Any]:
+    return state.server.shared, state.server.pooled, state.clients.local
+
+
+def differs(a: Any, b: Any) -> bool:
+    return any(
+        np.any(np.asarray(x) != np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "reference"), [("fixbn2", "fedavg"), ("fixbn2_always", "fedavg_persist")]
+)
+def test_rounds_before_fix_round_are_fedavg(name: str, reference: str) -> None:
+    """Before ``fix_round`` FixBN is FedAvg: fresh momentum every round by default, or FedAvg
+    with persisted client optimizers under ``keep_momentum="always"``."""
+    fix = run(name, start(name), range(2))
+    ref = run(reference, start(reference), range(2))
+    assert int(fix.server.round) == int(fix.round) == 2
+    assert_trees_close(model_of(fix), model_of(ref), rtol=1e-5, atol=1e-6)
+    if reference == "fedavg_persist":
+        assert_trees_close(fix.clients.opt_state, ref.clients.opt_state, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_frozen_and_params_learn_after_fix_round() -> None:
+    """Round 0 pools new statistics; from round 1 (= fix_round) they never change, bitwise,
+    while the parameters, BN scale and bias included, keep moving."""
+    state0 = start("fixbn1")
+    states = [state0]
+    for r in range(4):
+        states.append(run("fixbn1", states[-1], range(r, r + 1)))
+    assert differs(states[1].server.pooled, state0.server.pooled)
+    for prev, new in zip(states[1:], states[2:], strict=False):
+        assert_trees_equal(new.server.pooled, states[1].server.pooled)
+        assert differs(new.server.shared, prev.server.shared)
+        bn = new.server.shared["params"]["net"]["CountedBN_0"]["bn"]
+        assert differs(bn, prev.server.shared["params"]["net"]["CountedBN_0"]["bn"])
+
+
+def test_fixed_round_is_eval_mode_training_with_kept_momentum() -> None:
+    """A round after the switch is a round of eval-mode BN training (``bn_train=False``) with
+    each client's optimizer state carried over, from the same model and optimizer states."""
+    state = run("fixbn1", start("fixbn1"), range(2))  # round 1 ran in the fixed phase
+    srv = state.server
+    ref_state = FedState(
+        ServerState(srv.shared, srv.pooled, srv.opt_state),
+        ClientState(state.clients.local, state.clients.opt_state),
+        state.round,
+    )
+    fix = run("fixbn1", state, range(2, 3))
+    ref = run("eval_persist", ref_state, range(2, 3))
+    assert_trees_close(fix.server.shared, ref.server.shared, rtol=1e-5, atol=1e-6)
+    assert_trees_close(fix.clients.opt_state, ref.clients.opt_state, rtol=1e-5, atol=1e-6)
+    assert_trees_equal(fix.server.pooled, srv.pooled)
+    assert_trees_close(ref.server.pooled, srv.pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_no_retrace_across_the_switch() -> None:
+    """The first round traces both BN modes (``lax.cond``); the switch re-traces nothing."""
+    state = run("fixbn1", start("fixbn1"), range(1))
+    traces = TRACES.copy()
+    assert traces[True] > 0 and traces[False] > 0
+    state = run("fixbn1", state, range(1, 3))  # both in the fixed phase
+    assert traces == TRACES
+    assert int(state.server.round) == 3
+
+
+def test_vmap_executor_agrees_across_the_switch() -> None:
+    """The traced flag stays a cond under vmap and scan: vmap and sequential agree."""
+    seq = run("fixbn1", start("fixbn1"), range(2))
+    vm = run("fixbn1", start("fixbn1"), range(2), executor="vmap")
+    assert_trees_close(model_of(vm), model_of(seq), rtol=1e-5, atol=1e-6)
+    assert_trees_close(vm.clients.opt_state, seq.clients.opt_state, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"fix_round": -1},
+        {"fix_round": 1, "keep_momentum": "sometimes"},
+        {"fix_round": 1, "bn_train": False},
+        {"fix_round": 1, "policy": "fedbn"},
+    ],
+)
+def test_bad_arguments_are_refused(kw: dict[str, Any]) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        fb.fixbn(MODEL, TX, **kw)
