@@ -16,6 +16,7 @@ import optax
 
 import fedjax_bn as fb
 from fedjax_bn import data as fbd
+from fedjax_bn.recalibrate import fedavg_batch_stats_only
 
 T = TypeVar("T")
 Config = ml_collections.ConfigDict
@@ -48,6 +49,11 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     ),
     # SCAFFOLD's option II control variates need the client learning rate.
     "scaffold": lambda m, tx, c: fb.scaffold(m, tx, lr=c.optim.lr),
+    # FixBN: FedAvg until config.fix_round, then local BN frozen on the global statistics.
+    "fixbn": lambda m, tx, c: fb.fixbn(m, tx, fix_round=c.fix_round),
+    # BN on batch statistics only, no running statistics kept: its global model is meaningful
+    # only after recalibration (fedjax_bn.recalibrate.evaluate_recalibrated).
+    "fedavg_batch_stats_only": lambda m, tx, c: fedavg_batch_stats_only(m, tx),
 }
 
 SETTINGS: dict[str, SettingBuilder] = {
@@ -94,14 +100,20 @@ SETTINGS: dict[str, SettingBuilder] = {
 }
 
 MODELS: dict[str, Callable[[Config, int], nn.Module]] = {
+    # config.model.norm: batch (default) | group | layer | none (weight-standardized convs).
     "seed_cnn": lambda m, k: fb.SeedCNN(
-        num_classes=k, widths=tuple(m.widths), hidden=m.hidden, momentum=m.momentum
+        num_classes=k,
+        widths=tuple(m.widths),
+        hidden=m.hidden,
+        momentum=m.momentum,
+        norm=m.get("norm", "batch"),
     ),
     "digit_model": lambda m, k: fb.DigitModel(
         num_classes=k,
         conv_widths=tuple(m.conv_widths),
         fc_widths=tuple(m.fc_widths),
         momentum=m.momentum,
+        norm=m.get("norm", "batch"),
     ),
 }
 

@@ -3,24 +3,36 @@
 With no ``--config`` the embedded default (``experiments/configs/base.py``: the digits BatchNorm
 study) runs. Any field can be overridden, e.g. ``--config.rounds=3 --config.seeds=0,1,2
 --config.algorithms=fedavg,fedbn --config.mu=0.01 --config.out_dir=/tmp/run``.
+
+An output directory that already holds results is refused: ``--resume=DIR`` continues the run
+saved there (its config, its checkpoints; bit for bit), ``--overwrite`` replaces its results.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import io
+import json
 import runpy
+import signal
 import sys
+import textwrap
+import tokenize
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import runner
+from experiments import registry, runner
+from fedjax_bn.execution import EXECUTORS
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "base.py")
 USAGE = __doc__
+HELP_WIDTH = 100
 
 
 def _config_file(argv: Sequence[str]) -> str:
@@ -81,18 +93,150 @@ def parse_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
     return holder.value
 
 
+def _dotted(target: ast.expr) -> str | None:
+    """``'data.alpha'`` for an assignment target ``c.data.alpha``, else None."""
+    parts: list[str] = []
+    while isinstance(target, ast.Attribute):
+        parts.insert(0, target.attr)
+        target = target.value
+    return ".".join(parts) if parts and isinstance(target, ast.Name) else None
+
+
+def _comments(source: str) -> tuple[dict[int, str], dict[int, str]]:
+    """(trailing, full-line) comment text of ``source`` by line number."""
+    trailing: dict[int, str] = {}
+    whole: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            line, col = tok.start
+            text = tok.string.lstrip("#").strip()
+            (trailing if tok.line[:col].strip() else whole)[line] = text
+    return trailing, whole
+
+
+def field_meanings(path: str) -> dict[str, str]:
+    """Each field config file ``path`` sets, in source order, with its meaning: the trailing
+    ``# comment`` of its line (``c.data.alpha = 0.5  # ...``), else the comment lines right
+    above it, else ''."""
+    source = Path(path).read_text()
+    trailing, whole = _comments(source)
+    out: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Assign) or not (field := _dotted(node.targets[0])):
+            continue
+        above, line = [], node.lineno - 1
+        while line in whole:
+            above.insert(0, whole[line])
+            line -= 1
+        out[field] = (
+            trailing.get(node.lineno) or trailing.get(node.end_lineno or 0) or " ".join(above)
+        )
+    return out
+
+
+def _valid_names() -> dict[str, list[str]]:
+    """The names each name field accepts, from the registries."""
+    return {
+        "algorithms": sorted(registry.ALGORITHMS),
+        "settings": sorted(registry.SETTINGS),
+        "model.name": sorted(registry.MODELS),
+        "optim.name": sorted(registry.OPTIMIZERS),
+        "executor": list(EXECUTORS),
+    }
+
+
+def _merged_meanings(path: str) -> dict[str, str]:
+    """base.py's field meanings, each followed by what config file ``path`` says of it."""
+    meanings = field_meanings(DEFAULT_CONFIG)
+    name = Path(path).name
+    for k, v in field_meanings(path).items():
+        if v and v != meanings.get(k):
+            meanings[k] = f"{meanings[k]} [{name}: {v}]" if meanings.get(k) else v
+    return meanings
+
+
+def help_text(argv: Sequence[str]) -> str:
+    """Usage, every field with its value in the chosen config and its meaning, valid names."""
+    spec = _config_file(argv)
+    fields: dict[str, Any] = runner.flat_fields(_load(spec))
+    meanings = _merged_meanings(spec.partition(":")[0])
+    order = {k: i for i, k in enumerate(meanings)}  # base.py's order, then the file's own
+    values = {k: repr(v) for k, v in fields.items()}
+    kw = max(map(len, fields))
+    vw = min(max(map(len, values.values())), 24)
+    lines = [
+        textwrap.fill(
+            meanings.get(k) or "(no description)",
+            width=HELP_WIDTH,
+            initial_indent=f"  {k:<{kw}} = {values[k]:<{vw}}  # ",
+            subsequent_indent=" " * (kw + vw + 9),
+            break_on_hyphens=False,
+        )
+        for k in sorted(fields, key=lambda k: order.get(k, len(order)))
+    ]
+    names = [
+        textwrap.fill(", ".join(v), HELP_WIDTH, initial_indent=f"  {k}: ", subsequent_indent="    ")
+        for k, v in _valid_names().items()
+    ]
+    return "\n".join(
+        [
+            USAGE,
+            f"Fields (--config.FIELD=VALUE), their values in {spec}\nand what they mean:",
+            *lines,
+            "",
+            "Valid names:",
+            *names,
+        ]
+    )
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_flags(argv: list[str]) -> tuple[list[str], str, bool]:
+    """``(argv without them, --resume=DIR or '', --overwrite)``; --resume takes no other flag."""
+    resume = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--resume=")]
+    overwrite = "--overwrite" in argv[1:]
+    rest = [a for a in argv if not a.startswith("--resume=") and a != "--overwrite"]
+    if resume and (len(rest) > 1 or overwrite):
+        raise runner.ConfigError(
+            "--resume=DIR continues a run with the config saved in DIR/config.json; give it "
+            "alone (no --config flags, no --overwrite)."
+        )
+    if resume and not resume[0]:
+        raise runner.ConfigError("--resume needs the run's output directory: --resume=DIR.")
+    return rest, resume[0] if resume else "", overwrite
+
+
+def resume_config(directory: str) -> ml_collections.ConfigDict:
+    """The config a run in ``directory`` was started with (its ``config.json``)."""
+    path = Path(directory).expanduser() / "config.json"
+    try:
+        config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        raise runner.ConfigError(f"Cannot resume from {directory}: {e}.") from e
+    config.out_dir = str(path.parent.resolve())
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: parse, run, exit status (0 ok, 2 bad input, 130 interrupted)."""
     argv = list(sys.argv if argv is None else argv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(USAGE)
-        fields = runner.flat_fields(_load(_config_file(argv)))
-        print("Fields (--config.FIELD=VALUE) and their values in this config:")
-        print("\n".join(f"  {k} = {v!r}" for k, v in fields.items()))
+        try:
+            print(help_text(argv))
+        except Exception as e:  # a missing or broken config file
+            spec = _config_file(argv)
+            why = f"{type(e).__name__}: {e}"
+            print(f"error: cannot read config file {spec!r}: {why}", file=sys.stderr)
+            return 2
         return 0
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` checkpoints and summarizes too
     try:
-        config = parse_config(argv)
-        runner.run_experiment(config)
+        argv, resume, overwrite = _run_flags(argv)
+        config = resume_config(resume) if resume else parse_config(argv)
+        runner.run_experiment(config, resume=bool(resume), overwrite=overwrite)
     except runner.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

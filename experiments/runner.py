@@ -6,8 +6,10 @@ results. :func:`run_experiment` is the in-process entry point; ``experiments/run
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
+import shutil
 import sys
 import tempfile
 import time
@@ -24,6 +26,7 @@ import fedjax_bn as fb
 from experiments import registry, report
 from experiments.configs import base
 from fedjax_bn import monitor
+from fedjax_bn.checkpoint import Checkpointer
 from fedjax_bn.data import FederatedData
 
 Config = ml_collections.ConfigDict
@@ -66,27 +69,115 @@ def check_fields(config: Config) -> None:
         raise ConfigError(f"Unknown config field(s) {unknown}; valid fields: {', '.join(valid)}.")
 
 
+class Bound(NamedTuple):
+    """The valid range of one numeric field: ``low <= value`` (``<`` if strict), ``<= high``."""
+
+    field: str
+    kind: type  # int: integers only; float: any finite number
+    low: float
+    strict: bool = False
+    high: float | None = None
+    note: str = ""
+
+
+# Every numeric field's valid range, checked by validate before anything is written.
+BOUNDS: tuple[Bound, ...] = (
+    Bound("rounds", int, 1),
+    Bound("eval_every", int, 1),
+    Bound("batch_size", int, 1),
+    Bound("local_epochs", int, 1),
+    Bound("eval_batch_size", int, 1),
+    Bound("checkpoint_every", int, 1),
+    Bound("keep_checkpoints", int, 1),
+    Bound("mu", float, 0),  # even when no prox algorithm is selected
+    Bound("server_lr", float, 0, note=" (0: the factory's default)"),
+    Bound("data.num_clients", int, 1),
+    Bound("data.alpha", float, 0, strict=True),
+    Bound("data.min_size", int, 0),
+    Bound("data.max_train", int, 0, note=" (0: all)"),
+    Bound("data.max_test", int, 0, note=" (0: all)"),
+    Bound("model.momentum", float, 0, high=1),
+    Bound("optim.lr", float, 0, strict=True),
+    Bound("optim.weight_decay", float, 0),
+    Bound("optim.momentum", float, 0),
+    Bound("monitor.probe_size", int, 1),
+)
+
+
+def describe(bound: Bound) -> str:
+    """What ``bound`` accepts, e.g. ``'an integer >= 1'``, ``'a finite number in [0, 1]'``."""
+    kind = "an integer" if bound.kind is int else "a finite number"
+    if bound.high is not None:
+        return f"{kind} in {'(' if bound.strict else '['}{bound.low:g}, {bound.high:g}]"
+    return f"{kind} {'>' if bound.strict else '>='} {bound.low:g}{bound.note}"
+
+
+def in_bounds(bound: Bound, value: Any) -> bool:
+    """Whether ``value`` has ``bound``'s kind (bools never count), is finite and in range."""
+    kinds = int if bound.kind is int else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        return False
+    if not isinstance(value, int) and not abs(value) < float("inf"):  # NaN, inf
+        return False
+    above = value > bound.low if bound.strict else value >= bound.low
+    return above and (bound.high is None or value <= bound.high)
+
+
+def check_numbers(config: Config) -> None:
+    """One ConfigError naming every numeric field outside its :data:`BOUNDS` and what is valid."""
+    fields = flat_fields(config)
+    bad = [
+        f"config.{b.field} must be {describe(b)}, got {fields[b.field]!r}"
+        for b in BOUNDS
+        if b.field in fields and not in_bounds(b, fields[b.field])
+    ]
+    if bad:
+        raise ConfigError("; ".join(bad) + ".")
+
+
+def _seed(item: Any) -> int:
+    """One seed: a non-negative int, or its decimal digits."""
+    if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+        return item
+    if isinstance(item, str) and item.isascii() and item.isdigit():
+        return int(item)
+    raise ConfigError(
+        f"config.seeds must be non-negative integers, e.g. --config.seeds=0,1,2; got {item!r}."
+    )
+
+
+def _distinct(field: str, items: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``items``, or a ConfigError naming the repeated ones (their runs would share files)."""
+    repeated = sorted({str(i) for i in items if items.count(i) > 1})
+    if repeated:
+        raise ConfigError(f"config.{field} lists more than once: {', '.join(repeated)}.")
+    return items
+
+
+def parse_seeds(value: Any) -> tuple[int, ...]:
+    """Distinct non-negative seeds from an int, a sequence, or text like ``'0,1,2'``."""
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    pieces = [p for i in items for p in (registry.names(i) if isinstance(i, str) else [i])]
+    seeds = _distinct("seeds", tuple(_seed(p) for p in pieces))
+    if not seeds:
+        raise ConfigError("Give at least one seed, e.g. --config.seeds=0,1,2.")
+    return seeds
+
+
 def validate(config: Config) -> Config:
     """Check every name and number before any training; returns a copy with names normalized."""
     check_fields(config)
     config = Config(config.to_dict())  # unlocked copy; the caller's config is left alone
-    config.settings = registry.names(config.settings)
-    config.algorithms = registry.names(config.algorithms)
+    config.settings = _distinct("settings", registry.names(config.settings))
+    config.algorithms = _distinct("algorithms", registry.names(config.algorithms))
     for name in config.settings:
         registry.lookup(registry.SETTINGS, name, "setting")
     for name in config.algorithms:
         registry.lookup(registry.ALGORITHMS, name, "algorithm")
     if not config.settings or not config.algorithms:
         raise ConfigError("Give at least one setting and one algorithm.")
-    seeds = config.seeds if isinstance(config.seeds, list | tuple) else [config.seeds]
-    config.seeds = tuple(int(s) for s in registry.names([str(s) for s in seeds]))
-    if not config.seeds:
-        raise ConfigError("Give at least one seed, e.g. --config.seeds=0,1,2.")
-    for key in ("rounds", "eval_every", "batch_size", "local_epochs"):
-        if int(config[key]) < 1:
-            raise ConfigError(f"config.{key} must be >= 1, got {config[key]}.")
-    if float(config.server_lr) < 0:
-        raise ConfigError(f"config.server_lr must be >= 0 (0: default), got {config.server_lr}.")
+    config.seeds = parse_seeds(config.seeds)
+    check_numbers(config)
     model = registry.build_model(config, num_classes=10)
     tx = registry.build_optimizer(config)
     try:  # factories check their hyperparameters; make_round knows the executors
@@ -107,10 +198,26 @@ def enable_compilation_cache(path: str) -> None:
         fb.disable_compilation_cache()
 
 
-def prepare_out_dir(config: Config) -> Path:
-    """Create the output directory and prove it writable, or raise a clear ConfigError."""
+RESULT_ENTRIES = ("config.json", "history", "checkpoints", "summary.json", "plots")
+
+
+def prepare_out_dir(config: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create the output directory and prove it writable, or raise a clear ConfigError.
+
+    A directory that already holds results is refused unless ``resume`` (continue it) or
+    ``overwrite`` (its previous results are deleted first).
+    """
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(config.out_dir or f"results/{config.name}-{stamp}").expanduser().resolve()
+    found = [name for name in RESULT_ENTRIES if (out / name).exists()]
+    if found and not (resume or overwrite):
+        raise ConfigError(
+            f"Output directory {out} already holds results ({', '.join(found)}); continue it "
+            f"with --resume={out}, replace them with --overwrite, or choose another "
+            "--config.out_dir."
+        )
+    if resume and not (out / "config.json").exists():
+        raise ConfigError(f"Nothing to resume in {out}: it has no config.json.")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
@@ -120,6 +227,10 @@ def prepare_out_dir(config: Config) -> Path:
             f"Cannot write to output directory {out}: {e.strerror or e}. "
             "Choose another with --config.out_dir=PATH."
         ) from e
+    if overwrite and not resume:
+        for name in found:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
     return out
 
 
@@ -132,10 +243,43 @@ def _floats(per_layer: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in per_layer.items()}
 
 
+def checkpoint_dir(out: Path, setting: str, alg_name: str, seed: int) -> Path:
+    """Where one run's checkpoints live."""
+    return out / "checkpoints" / f"{setting}__{alg_name}__seed{seed}"
+
+
+def resume_point(
+    path: Path, ckpt: Checkpointer, like: Any, key: jax.Array, rounds: int
+) -> tuple[int, Any, jax.Array, list[report.Row]]:
+    """``(rounds done, state, key, rows)`` to continue a run from: its latest checkpoint, the
+    history cut back to that checkpoint's offset (rows after it are recomputed exactly)."""
+    if ckpt.latest_round() is None:
+        path.unlink(missing_ok=True)  # nothing checkpointed: the run starts over
+        return 0, like, key, []
+    restored = ckpt.restore(like)
+    with path.open("r+b") as f:
+        f.truncate(restored.meta["history_offset"])
+    rows = report.read_history(path)
+    if len(rows) != restored.round or (rows and rows[-1]["round"] != restored.round):
+        raise ConfigError(f"{path} does not match its checkpoint of round {restored.round}.")
+    return restored.round, restored.state, restored.key, rows[:rounds]
+
+
 def train_run(
-    config: Config, data: FederatedData, setting: str, alg_name: str, seed: int, out: Path
+    config: Config,
+    data: FederatedData,
+    setting: str,
+    alg_name: str,
+    seed: int,
+    out: Path,
+    *,
+    resume: bool = False,
 ) -> list[report.Row]:
-    """Train one algorithm on one setting with one seed; every round is written and flushed."""
+    """Train one algorithm on one setting with one seed; every round is written and flushed.
+
+    Checkpoints (state, next key, history offset) every ``config.checkpoint_every`` rounds, at
+    the last round and on interrupt; ``resume`` continues from the latest one, bit for bit.
+    """
     seeds = derive_seeds(seed)
     model = registry.build_model(config, data.num_classes)
     alg = registry.build_algorithm(alg_name, model, registry.build_optimizer(config), config)
@@ -149,17 +293,28 @@ def train_run(
     x_probe, mask_probe = monitor.probe_batches(data.train, config.monitor.probe_size)
     state = alg.init(jax.random.key(seeds.init), data.train.x[0, :1], data.num_clients)
     key = jax.random.key(seeds.shuffle)
-    writer = report.HistoryWriter(report.history_path(out, setting, alg_name, seed))
-    rows: list[report.Row] = []
-    start = time.perf_counter()
+    path = report.history_path(out, setting, alg_name, seed)
+    ckpt = Checkpointer(
+        checkpoint_dir(out, setting, alg_name, seed), max_to_keep=config.keep_checkpoints
+    )
+    done, rows = 0, []
+    if resume and path.exists():
+        done, state, key, rows = resume_point(path, ckpt, state, key, config.rounds)
+    if done >= config.rounds:
+        ckpt.close()
+        return rows
+    writer = report.HistoryWriter(path, append=bool(rows))
+    start = time.perf_counter() - (rows[-1]["wall"] if rows else 0.0)
     bar = tqdm(
-        range(1, config.rounds + 1),
+        range(done + 1, config.rounds + 1),
         desc=f"{setting} {alg_name} seed={seed}",
         unit="round",
+        initial=done,
+        total=config.rounds,
         disable=not config.progress,
         file=sys.stderr,
     )
-    acc = None
+    acc, saved = None, done
     try:
         for rnd in bar:
             key, round_key = jax.random.split(key)
@@ -170,16 +325,24 @@ def train_run(
             # The clients' post-round statistics, when the round returns them (see monitor.py).
             client_stats = getattr(result, "batch_stats", None)
             div = measure(state, x_probe, mask_probe, client_stats)
+            quarantined = [int(c) for c in np.flatnonzero(np.asarray(result.quarantined))]
+            if quarantined:
+                print(
+                    f"warning: {setting} {alg_name} seed={seed} round {rnd}: clients "
+                    f"{quarantined} had a non-finite update or loss and were left out",
+                    file=sys.stderr,
+                )
             row: report.Row = {
                 "setting": setting,
                 "algorithm": alg_name,
                 "seed": seed,
                 "round": rnd,
-                "train_loss": _mean_by(result.loss, result.num_seen),
-                "train_acc": _mean_by(result.accuracy, result.num_seen),
+                "train_loss": _mean_by(result.loss, result.num_seen * ~result.quarantined),
+                "train_acc": _mean_by(result.accuracy, result.num_seen * ~result.quarantined),
                 "global_acc": None,
                 "global_loss": None,
                 "client_acc": None,
+                "quarantined": quarantined,
                 "bn_div": float(monitor.mean_over_layers(div["bn"])),
                 "bn_div_source": monitor.stats_source(state, client_stats),
                 "probe_div": float(monitor.mean_over_layers(div["probe"])),
@@ -198,12 +361,20 @@ def train_run(
             row["wall"] = time.perf_counter() - start
             writer.write(row)
             rows.append(row)
+            if rnd % config.checkpoint_every == 0 or rnd == config.rounds:
+                ckpt.save(rnd, state, key, history_offset=writer.offset())
+                saved = rnd
             bar.set_postfix(
                 loss=f"{row['train_loss']:.3f}", acc="-" if acc is None else f"{acc:.3f}"
             )
+    except KeyboardInterrupt:
+        if rows and saved < rows[-1]["round"]:  # the last finished round, for --resume
+            ckpt.save(rows[-1]["round"], state, key, history_offset=writer.offset())
+        raise
     finally:
         bar.close()
         writer.close()
+        ckpt.close()
     return rows
 
 
@@ -224,18 +395,27 @@ def finish(out: Path, config: Config, runs: list[report.Row], rows: list[report.
     return summary
 
 
-def run_experiment(config: Config) -> Path:
+def run_experiment(config: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run every (setting, seed, algorithm) of ``config``; returns the output directory.
 
-    Writes ``config.json`` (resolved), ``history/*.jsonl`` (one row per round, flushed),
-    ``summary.json`` and ``plots/*.png``; prints a table per setting. On Ctrl-C the history so
-    far is kept and its location printed, then KeyboardInterrupt propagates.
+    Every config and data check runs before anything is written. Writes ``config.json``
+    (resolved), ``history/*.jsonl`` (one row per round, flushed), ``checkpoints/``,
+    ``summary.json`` and ``plots/*.png``; prints a table per setting. ``resume`` continues the
+    runs in ``config.out_dir`` (complete runs are read back, the interrupted one restored from
+    its latest checkpoint). On Ctrl-C (or SIGTERM) the current run is checkpointed, the partial
+    results are summarized, then KeyboardInterrupt propagates.
     """
     config = validate(config)
-    out = prepare_out_dir(config)
+    datasets = {
+        (setting, seed): registry.build_setting(setting, config, derive_seeds(seed).data)
+        for setting in config.settings
+        for seed in config.seeds
+    }
+    out = prepare_out_dir(config, resume=resume, overwrite=overwrite)
     config.out_dir = str(out)
     enable_compilation_cache(config.compilation_cache)
-    (out / "config.json").write_text(config.to_json(indent=2) + "\n")
+    if not resume:
+        (out / "config.json").write_text(config.to_json(indent=2) + "\n")
     print(f"Output directory: {out}")
     runs: list[report.Row] = []
     rows: list[report.Row] = []
@@ -243,17 +423,19 @@ def run_experiment(config: Config) -> Path:
     try:
         for setting in config.settings:
             for seed in config.seeds:
-                data = registry.build_setting(setting, config, derive_seeds(seed).data)
+                data = datasets[(setting, seed)]
                 for alg_name in config.algorithms:
-                    run_rows = train_run(config, data, setting, alg_name, seed, out)
+                    run_rows = train_run(config, data, setting, alg_name, seed, out, resume=resume)
                     rows += run_rows
                     runs.append(report.run_summary(run_rows))
     except KeyboardInterrupt:
         print(
-            f"\nInterrupted after {len(runs)} complete run(s); the per-round history so far "
-            f"is in {out / 'history'}",
+            f"\nInterrupted after {len(runs)} complete run(s); the history so far is in "
+            f"{out / 'history'}; continue with: python -m experiments.run --resume={out}",
             file=sys.stderr,
         )
+        with contextlib.suppress(FileNotFoundError):  # no round finished yet
+            report.rebuild([out], out)
         raise
     finish(out, config, runs, rows)
     print(f"Total wall time: {time.perf_counter() - t0:.1f} s")

@@ -197,3 +197,147 @@ def test_report_rebuilds_from_history_and_marks_incomplete_runs(tmp_path, capsys
     }
     assert (rebuilt / "plots" / "accuracy_digits_feature_shift.png").read_bytes()[:8] == PNG_MAGIC
     assert report.main([str(tmp_path / "nothing")]) == 2
+
+
+BAD_VALUES = [
+    ("seeds", "a", "non-negative integers"),
+    ("seeds", "-1", "non-negative integers"),
+    ("seeds", "1.5", "non-negative integers"),
+    ("seeds", "0,0", "more than once"),
+    ("optim.lr", "0", "> 0"),
+    ("optim.lr", "-0.001", "> 0"),
+    ("optim.lr", "nan", "finite number > 0"),
+    ("optim.weight_decay", "-1e-4", ">= 0"),
+    ("optim.momentum", "-0.9", ">= 0"),
+    ("mu", "-0.01", ">= 0"),  # tiny_argv runs fedavg,fedbn: no prox algorithm selected
+    ("server_lr", "-1", ">= 0"),
+    ("eval_every", "0", "integer >= 1"),
+    ("rounds", "0", "integer >= 1"),
+    ("rounds", "-5", "integer >= 1"),
+    ("batch_size", "0", "integer >= 1"),
+    ("local_epochs", "0", "integer >= 1"),
+    ("data.num_clients", "0", "integer >= 1"),
+    ("data.alpha", "0", "> 0"),
+    ("data.alpha", "-0.5", "> 0"),
+    ("data.min_size", "-1", "integer >= 0"),
+    ("monitor.probe_size", "0", "integer >= 1"),
+    ("eval_batch_size", "0", "integer >= 1"),
+    ("data.max_train", "-1", "integer >= 0"),
+    ("data.max_test", "-1", "integer >= 0"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "valid"), BAD_VALUES)
+def test_bad_value_exits_2_with_one_error_line(
+    field, value, valid, tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "out"
+    assert run.main(tiny_argv(out, f"--config.{field}={value}")) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert f"config.{field} " in errors[0] and valid in errors[0]
+    assert not out.exists()
+
+
+def test_every_bad_number_is_named_in_the_one_error() -> None:
+    config = run.parse_config(["run", f"--config={SMOKE}", "--config.rounds=0", "--config.mu=-1"])
+    with pytest.raises(registry.ConfigError, match=r"config\.rounds .*; config\.mu ") as e:
+        runner.validate(config)
+    assert "\n" not in str(e.value)
+
+
+def test_bounds_name_real_fields() -> None:
+    fields = runner.flat_fields(base.get_config())
+    assert all(b.field in fields for b in runner.BOUNDS)
+
+
+def test_cli_bad_seed_prints_one_line_and_no_traceback(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    argv = tiny_argv(out, "--config.seeds=a")[1:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.run", *argv],
+        capture_output=True,
+        text=True,
+        cwd=Path(run.__file__).parents[1],
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: config.seeds must be non-negative integers, e.g. --config.seeds=0,1,2; got 'a'."
+    ]
+    assert not out.exists()
+
+
+def test_help_shows_meanings_values_and_valid_names(capsys) -> None:
+    assert run.main(["run", f"--config={SMOKE}", "--help"]) == 0
+    text = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in text.splitlines() if " = " in line}
+    assert "= 2" in lines["rounds"] and "rounds per run" in lines["rounds"]  # smoke's value
+    assert "= 0.5" in lines["data.alpha"] and "Dirichlet" in lines["data.alpha"]
+    assert set(runner.flat_fields(run.parse_config(["run", f"--config={SMOKE}"]))) <= set(lines)
+    assert "(no description)" not in text  # every field in base.py says what it means
+    for names in (registry.ALGORITHMS, registry.SETTINGS, registry.MODELS, registry.OPTIMIZERS):
+        assert all(name in text for name in names)
+
+
+def _rows(alg: str, source: str, global_acc: bool) -> list[report.Row]:
+    return [
+        {
+            "setting": "s",
+            "algorithm": alg,
+            "seed": seed,
+            "round": rnd,
+            "global_acc": 0.1 * rnd + 0.01 * seed if global_acc else None,
+            "client_acc": 0.2 * rnd + 0.01 * seed,
+            "bn_div": 0.01 * rnd,
+            "bn_div_source": source,
+            "probe_div": 0.01 * rnd,
+            "affine_div": float("nan"),  # in-memory rows hold NaN where there is nothing
+        }
+        for seed in (0, 1)
+        for rnd in (1, 2, 3)
+    ]
+
+
+def test_plot_legends_list_only_drawn_curves_with_their_sources() -> None:
+    import matplotlib.pyplot as plt
+
+    rows = {"fedavg": _rows("fedavg", "probe", True), "fedbn": _rows("fedbn", "local", False)}
+    fig, axes = plt.subplots(1, 2)
+    drawn = [report._panel(ax, rows, p) for ax, p in zip(axes, report.ACCURACY_PANELS, strict=True)]
+    report._share_y(axes, report.ACCURACY_PANELS, drawn)
+    legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert legend == ["fedavg (mean ± std over 2 seeds)"]
+    assert "no global model: fedbn" in axes[0].get_title()
+    assert axes[0].get_ylim() == axes[1].get_ylim()  # both accuracies on one scale
+    assert axes[0].get_xlabel() == "round" and axes[0].get_ylabel() == "accuracy"
+    plt.close(fig)
+
+    bn_div, _, affine = report.DIVERGENCE_PANELS
+    fig, (ax_bn, ax_affine) = plt.subplots(1, 2)
+    report._panel(ax_bn, rows, bn_div)
+    assert [t.get_text().split(" (")[0] for t in ax_bn.get_legend().get_texts()] == [
+        "fedavg [probe]",
+        "fedbn [running]",
+    ]
+    assert not report._panel(ax_affine, rows, affine) and ax_affine.get_legend() is None
+    plt.close(fig)
+
+
+def test_table_names_the_statistics_of_each_bn_divergence() -> None:
+    runs = [
+        report.run_summary(
+            [{**r, "seconds": 0.1, "wall": 0.3} for r in _rows(a, s, g) if r["seed"] == 0]
+        )
+        for a, s, g in (("fedavg", "probe", True), ("fedbn", "local", False))
+    ]
+    table = report.format_table("s", report.aggregate(runs)["s"])
+    fedavg, fedbn = (line for line in table.splitlines() if line.startswith("fed"))
+    assert "[probe]" in fedavg and "[running]" in fedbn
+    assert "[probe] = " in table and "[running] = " in table  # what the tags mean

@@ -22,26 +22,32 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """The default digits BatchNorm study."""
     c = ml_collections.ConfigDict()
-    c.name = "digits_bn"
+    c.name = "digits_bn"  # names the default output directory
     # Registry names (experiments/registry.py); a comma-separated string works too.
     c.settings = ("digits_label_skew", "digits_feature_shift")
+    # Algorithms compared on every setting, each run with every seed.
     c.algorithms = ("fedavg", "fedprox", "fedbn", "silobn", "fedprox_bn_eval")
     c.seeds = (0,)  # each seed derives separate init / partition / shuffling seeds
-    c.rounds = 40
+    c.rounds = 40  # federated rounds per run
     c.eval_every = 4  # rounds 1 and the last are always evaluated too
-    c.batch_size = 32
-    c.local_epochs = 1
+    c.batch_size = 32  # client training batch size
+    c.local_epochs = 1  # passes over its data a client makes per round
     c.executor = "sequential"  # any executor fedjax_bn.make_round knows
     c.mu = 1e-3  # FedProx proximal weight (fedprox, fedbn_prox, fedprox_bn_eval)
     c.server_lr = 0.0  # fedavgm/fedadam/fedyogi/fedadagrad server lr; 0: the factory's default
+    # fixbn: rounds < fix_round are FedAvg, later rounds train BN on the frozen global
+    # statistics (half of the default 40 rounds, the paper's exploration/calibration split).
+    c.fix_round = 20
     c.out_dir = ""  # empty: results/<name>-<timestamp>
+    c.checkpoint_every = 5  # save the run state (orbax) every this many rounds, and at the end
+    c.keep_checkpoints = 2  # how many of a run's latest checkpoints are kept
     c.progress = True  # tqdm bar per run
     # jax's persistent compilation cache: runs sharing programs (and every later invocation)
     # skip most of the first round's compilation. Empty: disabled.
     c.compilation_cache = "~/.cache/fedjax_bn/jax"
 
     c.data = ml_collections.ConfigDict()
-    c.data.num_clients = 10
+    c.data.num_clients = 10  # clients the data is split among
     c.data.alpha = 0.5  # Dirichlet concentration of label-skew settings
     c.data.min_size = 10  # fewest train examples per client under label skew
     c.data.name = "digits"  # data set name, for sources that hold several (tfds)
@@ -56,15 +62,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.conv_widths = (64, 64, 128)  # digit_model
     c.model.fc_widths = (2048, 512)  # digit_model
     c.model.momentum = 0.9  # BN running-statistics momentum
+    # Normalization layers: batch (BatchNorm, the default) | group (GroupNorm, min(32, C)
+    # groups) | layer (LayerNorm) | none (no norm, weight-standardized convs, as FedWon).
+    c.model.norm = "batch"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"  # adam | sgd
-    c.optim.lr = 5e-4
+    c.optim.lr = 5e-4  # client learning rate
     c.optim.weight_decay = 1e-4  # coupled L2 (added to the gradient), as torch's Adam does
     c.optim.momentum = 0.0  # sgd only
 
     c.monitor = ml_collections.ConfigDict()
     c.monitor.probe_size = 64  # examples per client in the fixed probe batch
 
-    c.eval_batch_size = 256
+    c.eval_batch_size = 256  # batch size of evaluation only
     return c

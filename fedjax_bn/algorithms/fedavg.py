@@ -96,6 +96,20 @@ def server_step(
     return with_leaves(shared, optax.apply_updates(old, updates)), opt_state
 
 
+def clip_updates(shared_C: Variables, server: Variables, max_norm: float) -> Variables:
+    """Each client's update ``shared_c - server`` (float leaves) scaled to L2 norm at most
+    ``max_norm``; integer leaves untouched."""
+    old, new = float_leaves(server), float_leaves(shared_C)
+    sq = sum(jnp.sum(jnp.square(new[p] - old[p]).reshape(new[p].shape[0], -1), axis=1) for p in old)
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(jnp.sqrt(sq), 1e-12))
+
+    def clip(p: Any) -> Array:
+        delta = (new[p] - old[p]) * scale.reshape((-1,) + (1,) * old[p].ndim)
+        return (old[p] + delta).astype(new[p].dtype)
+
+    return with_leaves(shared_C, {p: clip(p) for p in old})
+
+
 def make_algorithm(
     model: nn.Module,
     client_tx: optax.GradientTransformation,
@@ -106,6 +120,7 @@ def make_algorithm(
     persist_client_optimizer: bool = False,
     server_tx: optax.GradientTransformation | None = None,
     bn_stats: BnStats = "pooled",
+    clip_norm: float | None = None,
     name: str | None = None,
 ) -> Algorithm:
     """Build an algorithm from a BN policy (``policy.py``) and local/server options.
@@ -116,12 +131,16 @@ def make_algorithm(
     ``server_tx``: an optax transform stepping the averaged shared float parameters (FedAvgM,
     FedAdam, ...). ``bn_stats``: how fedavg folds BN running statistics, ``"pooled"`` (the
     statistics of the union of the clients' data) or ``"mean"`` (the plain weighted mean of
-    each statistic, as PyTorch loops and Flower do).
+    each statistic, as PyTorch loops and Flower do). ``clip_norm``: each client's update of
+    the shared float parameters is scaled to at most this L2 norm before averaging (a guard
+    against exploding clients, next to the executors' NaN quarantine).
     """
     check_policy(policy)
     require_train_keyword(model)
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
+    if clip_norm is not None and clip_norm <= 0:
+        raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {clip_norm}.")
     if bn_stats not in BN_STATS:
         raise ValueError(f"Unknown bn_stats {bn_stats!r}; valid: {', '.join(BN_STATS)}.")
     spec = LocalTraining(model=model, tx=client_tx, mu=float(mu), bn_train=bn_train)
@@ -154,7 +173,10 @@ def make_algorithm(
         check_same_structure(
             repeat_clients(server.shared, len(weights_C)), messages.shared, "client shared"
         )
-        mean = weighted_mean(messages.shared, weights_C, server.shared)
+        shared_C = messages.shared
+        if clip_norm is not None:
+            shared_C = clip_updates(shared_C, server.shared, clip_norm)
+        mean = weighted_mean(shared_C, weights_C, server.shared)
         shared, opt_state = server_step(server_tx, server.shared, server.opt_state, mean)
         pooled = server.pooled and pool_batch_stats(
             messages.pooled, weights_C, server.pooled, bn_stats

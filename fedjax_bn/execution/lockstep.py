@@ -21,17 +21,20 @@ from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution.batches import round_batches
 from fedjax_bn.execution.loop import LocalLoop, local_steps
 from fedjax_bn.execution.plan import Group, Plan, client_order
+from fedjax_bn.execution.quarantine import aggregate_round
 from fedjax_bn.tree import concat_clients, take_client
 
 Array = jax.Array
 
 
 class RoundResult(NamedTuple):
-    """Per-client training metrics of one round (each ``[C]``)."""
+    """Per-client training metrics of one round (each ``[C]``); ``quarantined`` marks clients
+    whose update or loss was not finite (dropped from the aggregation, state not written)."""
 
     loss: Array
     accuracy: Array
     num_seen: Array
+    quarantined: Array
 
 
 class Inputs(NamedTuple):
@@ -119,9 +122,8 @@ def lockstep_round(
     order = client_order(plan)
     if order is not None:
         results = take_client(results, order)
-    messages, clients, metrics = results
-    server = alg.server_update(state.server, messages, train.n)
-    return FedState(server, clients, state.round + 1), RoundResult(*metrics)
+    server, clients, bad = aggregate_round(alg, state.server, state.clients, results, train.n)
+    return FedState(server, clients, state.round + 1), RoundResult(*results[2], bad)
 
 
 def default_local_loop() -> LocalLoop:

@@ -31,6 +31,7 @@ from fedjax_bn.execution.batches import round_batches
 from fedjax_bn.execution.lockstep import Outputs, RoundResult
 from fedjax_bn.execution.loop import local_steps
 from fedjax_bn.execution.plan import Call, schedule
+from fedjax_bn.execution.quarantine import aggregate_round
 from fedjax_bn.tree import put_client, take_client
 
 Array = jax.Array
@@ -87,9 +88,8 @@ class SequentialRound:
             return put_client(finals, c, alg.client_final(carry))
 
         def finish(state: FedState, finals: Outputs, n_C: Array) -> tuple[FedState, RoundResult]:
-            messages, clients, metrics = finals
-            server = alg.server_update(state.server, messages, n_C)
-            return FedState(server, clients, state.round + 1), RoundResult(*metrics)
+            server, clients, bad = aggregate_round(alg, state.server, state.clients, finals, n_C)
+            return FedState(server, clients, state.round + 1), RoundResult(*finals[2], bad)
 
         # Built once: rounds never re-trace. ``finals`` is donated, so writing a client's
         # outputs into it is in place, and compile cost does not grow with the cohort.
