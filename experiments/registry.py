@@ -54,7 +54,15 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     # BN on batch statistics only, no running statistics kept: its global model is meaningful
     # only after recalibration (fedjax_bn.recalibrate.evaluate_recalibrated).
     "fedavg_batch_stats_only": lambda m, tx, c: fedavg_batch_stats_only(m, tx),
+    # FedAvg evaluated after exact BN recalibration over all clients' data (HeteroFL's static BN).
+    "fedavg_recal": lambda m, tx, c: fb.fedavg(m, tx, name="fedavg_recal"),
+    # The same model with another normalization (no BN: nothing local under any policy).
+    "fedavg_group": lambda m, tx, c: fb.fedavg(m.clone(norm="group"), tx, name="fedavg_group"),
+    "fedavg_ws": lambda m, tx, c: fb.fedavg(m.clone(norm="none"), tx, name="fedavg_ws"),
 }
+
+# Algorithms whose global model is evaluated after recalibrate_bn (config.recalibrate: all).
+RECALIBRATED: frozenset[str] = frozenset({"fedavg_recal", "fedavg_batch_stats_only"})
 
 SETTINGS: dict[str, SettingBuilder] = {
     "digits_label_skew": lambda d, seed: fbd.digits_label_skew(

@@ -28,6 +28,7 @@ from experiments.configs import base
 from fedjax_bn import monitor
 from fedjax_bn.checkpoint import Checkpointer
 from fedjax_bn.data import FederatedData
+from fedjax_bn.recalibrate import recalibrate_bn
 
 Config = ml_collections.ConfigDict
 ConfigError = registry.ConfigError
@@ -265,6 +266,16 @@ def resume_point(
     return restored.round, restored.state, restored.key, rows[:rounds]
 
 
+def eval_state(config: Config, alg_name: str, alg: fb.Algorithm, state: Any, data: Any) -> Any:
+    """The state evaluation sees: with exact BN recalibration over the clients' training data
+    (``config.recalibrate``, or an algorithm in ``registry.RECALIBRATED``) where the policy has
+    global statistics (fedavg); the training state itself is never changed."""
+    wanted = config.recalibrate or alg_name in registry.RECALIBRATED
+    if not wanted or alg.policy != "fedavg":
+        return state
+    return recalibrate_bn(alg, state, data, batch_size=config.eval_batch_size)
+
+
 def train_run(
     config: Config,
     data: FederatedData,
@@ -353,8 +364,9 @@ def train_run(
                 "seconds": seconds,
             }
             if rnd == 1 or rnd % config.eval_every == 0 or rnd == config.rounds:
-                glob = fb.evaluate_global(alg, state, data, config.eval_batch_size)
-                clients = fb.evaluate_clients(alg, state, data, config.eval_batch_size)
+                seen = eval_state(config, alg_name, alg, state, data)
+                glob = fb.evaluate_global(alg, seen, data, config.eval_batch_size)
+                clients = fb.evaluate_clients(alg, seen, data, config.eval_batch_size)
                 if glob is not None:
                     row.update(global_acc=glob.accuracy, global_loss=glob.loss)
                 row["client_acc"] = acc = clients.mean_accuracy

@@ -1,5 +1,6 @@
 """fedjax_bn: functional JAX federated learning for models with BatchNorm, done right."""
 
+from fedjax_bn.adapt import adapt_bn
 from fedjax_bn.aggregate import pooled_moments, weighted_mean
 from fedjax_bn.algorithms import (
     Algorithm,
@@ -40,6 +41,7 @@ __all__ = [
     "LocalTraining",
     "SeedCNN",
     "ServerState",
+    "adapt_bn",
     "bn_param_mask",
     "disable_compilation_cache",
     "enable_compilation_cache",

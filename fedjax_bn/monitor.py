@@ -106,7 +106,9 @@ def probe_batch_stats(model: nn.Module, variables: Variables, x_B: Array, mask_B
     ``out1 = m + (1 - m) * batch``; hence ``batch = out0 / (1 - (out1 - out0))``. Integer leaves
     (counters) are returned as the first pass left them.
     """
-    stats = variables["batch_stats"]
+    stats = variables.get("batch_stats")
+    if not stats:  # a model without BatchNorm has no statistics to probe
+        return {}
 
     def run(fill: float) -> Any:
         filled = jax.tree.map(lambda s: jnp.full_like(s, fill), stats)

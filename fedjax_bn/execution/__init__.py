@@ -10,6 +10,7 @@ from fedjax_bn.execution.batches import (
     steps_per_epoch,
     valid_steps,
 )
+from fedjax_bn.execution.cohort import CohortResult, CohortRound, size_bucket, size_buckets
 from fedjax_bn.execution.lockstep import RoundResult, default_local_loop
 from fedjax_bn.execution.loop import client_update, local_steps
 from fedjax_bn.execution.plan import Plan, make_plan, padded_fraction, schedule
@@ -24,6 +25,8 @@ from fedjax_bn.execution.round import (
 
 __all__ = [
     "EXECUTORS",
+    "CohortResult",
+    "CohortRound",
     "Executor",
     "Plan",
     "Round",
@@ -39,6 +42,8 @@ __all__ = [
     "padded_fraction",
     "round_batches",
     "schedule",
+    "size_bucket",
+    "size_buckets",
     "steps_per_epoch",
     "valid_steps",
 ]

@@ -13,6 +13,10 @@ round of any :class:`~fedjax_bn.algorithms.Algorithm` through its pure client fu
 - ``auto``: picked per backend and cohort size by :func:`choose_executor`, from the benchmark
   (``experiments/bench.py``); the pick is logged and kept in ``Round.executor``.
 
+With ``cohort_size=K`` a round trains a sampled cohort of the population instead of every
+client (``cohort.py``; samplers in ``fedjax_bn.sampling``, client state placement in
+``store.py``); without it a round is exactly what it was.
+
 All give the same new state and :class:`RoundResult` (up to float reassociation): the same
 on-device batches (``batches.round_batches``), no-op padded steps, the same aggregation. A
 round never re-traces after its first call for the same data: every jitted function is built
@@ -30,6 +34,7 @@ from jax.sharding import Mesh
 
 from fedjax_bn.algorithms.base import Algorithm, FedState
 from fedjax_bn.data import ClientArrays, check_client_labels
+from fedjax_bn.execution.cohort import CohortRound
 from fedjax_bn.execution.lockstep import (
     GroupRunner,
     RoundResult,
@@ -41,6 +46,8 @@ from fedjax_bn.execution.loop import LocalLoop, check_loop
 from fedjax_bn.execution.plan import Plan, make_plan
 from fedjax_bn.execution.sequential import SequentialRound
 from fedjax_bn.execution.sharded import client_mesh, constrain_state, sharded_runner
+from fedjax_bn.execution.store import Placement, check_placement
+from fedjax_bn.sampling import Sampler
 
 Array = jax.Array
 ExecutorName = Literal["auto", "vmap", "chunked", "sequential", "sharded"]
@@ -204,6 +211,10 @@ class Round:
             self._impl = build_executor(self.executor, self.alg, **self.options)
         return self._impl
 
+    def executor_for(self, train: ClientArrays) -> Executor:
+        """The executor that runs rounds on ``train`` (``auto`` resolved by its cohort size)."""
+        return self._resolve(train)
+
     def padded_fraction(self, train: ClientArrays) -> float:
         """Share of executed client-steps that are masked no-ops (0 for ``sequential``)."""
         impl = self._resolve(train)
@@ -229,7 +240,10 @@ def make_round(
     num_groups: int = 1,
     mesh: Mesh | None = None,
     steps_per_call: int = 1,
-) -> Round:
+    cohort_size: int | None = None,
+    sampler: str | Sampler = "uniform",
+    state_placement: Placement = "auto",
+) -> Round | CohortRound:
     """A round function ``(state, train_arrays, key) -> (state, RoundResult)``.
 
     ``loop``: local steps as ``scan`` or ``unroll`` (default: unroll on CPU, scan elsewhere);
@@ -237,6 +251,12 @@ def make_round(
     ``num_groups``: lockstep executors split the cohort into this many groups of similar size
     to cut padded steps; ``mesh``: devices for ``sharded`` (default: all);
     ``steps_per_call``: full steps unrolled into one jitted call by ``sequential``.
+
+    ``cohort_size``: train a sampled cohort of this many clients of the population each round
+    (a :class:`~fedjax_bn.execution.cohort.CohortRound`, returning a ``CohortResult``); None:
+    every client, every round. ``sampler``: ``"uniform"``, ``"by_size"`` or a
+    :data:`~fedjax_bn.sampling.Sampler`; ``state_placement``: the population's client state
+    on the ``"device"``, the ``"host"`` (numpy) or ``"auto"`` (``execution/store.py``).
     """
     if batch_size < 1 or local_epochs < 1:
         raise ValueError(
@@ -252,7 +272,10 @@ def make_round(
         )
     if loop is not None:
         check_loop(loop)
-    return Round(
+    check_placement(state_placement)
+    if cohort_size is None and (sampler != "uniform" or state_placement != "auto"):
+        raise ValueError("sampler and state_placement apply to cohort rounds: set cohort_size.")
+    rnd = Round(
         alg,
         executor,
         batch_size=batch_size,
@@ -262,4 +285,9 @@ def make_round(
         num_groups=num_groups,
         mesh=mesh,
         steps_per_call=steps_per_call,
+    )
+    if cohort_size is None:
+        return rnd
+    return CohortRound(
+        rnd, cohort_size=cohort_size, sampler=sampler, state_placement=state_placement
     )

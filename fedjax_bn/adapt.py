@@ -1,0 +1,90 @@
+"""AdaBN (Li et al., 2016): BN running statistics recomputed on a client's unlabeled data.
+
+A trained model meets a new domain (a new client, a shifted test set): :func:`adapt_bn` keeps
+every weight and replaces each BatchNorm layer's running ``mean``/``var`` by the statistics of
+that layer's inputs over the given examples, by train-mode forward passes and no gradient step
+(no labels needed). The statistics are read at each BN layer's input by the interceptor of
+``recalibrate.bn_input_moments`` and pooled exactly over batches (counts, not averaged batch
+variances), so they do not depend on the layers' momentum: the first BN layer gets exactly the
+mean and biased variance of its inputs over ``x``; deeper layers those of inputs normalized
+upstream with batch statistics (consecutive batches of ``batch_size``, no shuffling: the
+result is deterministic). Integer leaves (counters) keep their value.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_bn import policy as policy_lib
+from fedjax_bn.algorithms.base import Algorithm, FedState, client_variables, model_parts
+from fedjax_bn.recalibrate import LayerMoments, bn_input_moments, pool, with_moments
+from fedjax_bn.tree import Variables
+
+Array = jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _batch_moments(
+    model: nn.Module, variables: Variables, x_N: Array, start: Array, batch_size: int
+) -> LayerMoments:
+    """BN input moments of examples ``[start, start + batch_size)`` (masked past the end)."""
+    idx_B = start + jnp.arange(batch_size)
+    x_B = jnp.take(x_N, jnp.minimum(idx_B, x_N.shape[0] - 1), axis=0)
+    return bn_input_moments(model, variables, x_B, idx_B < x_N.shape[0])
+
+
+def adapt_variables(
+    model: nn.Module, variables: Variables, x_N: Array | np.ndarray, *, batch_size: int = 256
+) -> Variables:
+    """``variables`` with every BN layer's running statistics set to those of ``x_N``'s
+    inputs to it (module docstring); unchanged for a model without BN."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if len(x_N) < 1:
+        raise ValueError("adapt_bn needs at least one example.")
+    if not policy_lib.has_batch_norm(variables):
+        return variables
+    x_N = jnp.asarray(x_N)
+    batch_size = min(batch_size, len(x_N))  # one compile shape, no all-padding batch
+    batches = [
+        _batch_moments(model, variables, x_N, jnp.asarray(s), batch_size)
+        for s in range(0, len(x_N), batch_size)
+    ]
+    moments = {p: pool([b[p] for b in batches]) for p in batches[0]}
+    return {**variables, "batch_stats": with_moments(variables["batch_stats"], moments)}
+
+
+def adapt_bn(
+    alg: Algorithm,
+    state: FedState,
+    x_N: Array | np.ndarray,
+    *,
+    client: int | None = None,
+    train_sizes: Array | None = None,
+    batch_size: int = 256,
+) -> Variables:
+    """A model for data ``x_N``: client ``client``'s model (or the global model when None)
+    with its BN running statistics recomputed on ``x_N`` (AdaBN; labels are not needed).
+
+    The global model is the policy's (``policy.global_variables``; silobn pools the clients'
+    statistics by ``train_sizes``, default equal weights, before they are replaced); fedbn has
+    none, so name a ``client`` there. Returns variables for ``model.apply(..., train=False)``.
+    """
+    if client is not None:
+        variables = client_variables(state, client)
+    else:
+        parts = model_parts(state)
+        num = len(jax.tree.leaves(parts.local)[0]) if jax.tree.leaves(parts.local) else 1
+        weights = jnp.ones((num,), jnp.float32) if train_sizes is None else train_sizes
+        variables = policy_lib.global_variables(alg.policy, *parts, weights)
+        if variables is None:
+            raise ValueError(
+                f"{alg.name!r} (policy {alg.policy!r}) has no global model: pass client=c to "
+                "adapt client c's model."
+            )
+    return adapt_variables(alg.model, variables, x_N, batch_size=batch_size)
