@@ -24,41 +24,50 @@ AlgorithmFactory = Callable[[nn.Module, optax.GradientTransformation, Config], f
 SettingBuilder = Callable[[Config, int], fbd.FederatedData]
 
 
+def _common(config: Config) -> dict[str, float]:
+    """Options every factory takes: ``clip_norm`` when ``config.clip_norm`` is set (> 0)."""
+    return {"clip_norm": config.clip_norm} if config.clip_norm else {}
+
+
 def _server_lr(config: Config) -> dict[str, float]:
     """``server_lr=config.server_lr`` when it is set (> 0), else nothing (the default)."""
     return {"server_lr": config.server_lr} if config.server_lr else {}
 
 
 ALGORITHMS: dict[str, AlgorithmFactory] = {
-    "fedavg": lambda m, tx, c: fb.fedavg(m, tx),
-    "fedprox": lambda m, tx, c: fb.fedprox(m, tx, c.mu),
-    "fedbn": lambda m, tx, c: fb.fedbn(m, tx),
-    "silobn": lambda m, tx, c: fb.silobn(m, tx),
-    "fedbn_prox": lambda m, tx, c: fb.fedbn_prox(m, tx, c.mu),
+    "fedavg": lambda m, tx, c: fb.fedavg(m, tx, **_common(c)),
+    "fedprox": lambda m, tx, c: fb.fedprox(m, tx, c.mu, **_common(c)),
+    "fedbn": lambda m, tx, c: fb.fedbn(m, tx, **_common(c)),
+    "silobn": lambda m, tx, c: fb.silobn(m, tx, **_common(c)),
+    "fedbn_prox": lambda m, tx, c: fb.fedbn_prox(m, tx, c.mu, **_common(c)),
     # The original bug, on purpose: FedProx whose local training keeps BN in eval mode.
     "fedprox_bn_eval": lambda m, tx, c: fb.fedprox(
-        m, tx, c.mu, bn_train=False, name="fedprox_bn_eval"
+        m, tx, c.mu, bn_train=False, name="fedprox_bn_eval", **_common(c)
     ),
     # Server optimizers (Reddi et al. 2021); config.server_lr 0 keeps each factory's default.
-    "fedavgm": lambda m, tx, c: fb.fedavgm(m, tx, **_server_lr(c)),
-    "fedadam": lambda m, tx, c: fb.fedadam(m, tx, **_server_lr(c)),
-    "fedyogi": lambda m, tx, c: fb.fedyogi(m, tx, **_server_lr(c)),
-    "fedadagrad": lambda m, tx, c: fb.fedadagrad(m, tx, **_server_lr(c)),
+    "fedavgm": lambda m, tx, c: fb.fedavgm(m, tx, **_server_lr(c), **_common(c)),
+    "fedadam": lambda m, tx, c: fb.fedadam(m, tx, **_server_lr(c), **_common(c)),
+    "fedyogi": lambda m, tx, c: fb.fedyogi(m, tx, **_server_lr(c), **_common(c)),
+    "fedadagrad": lambda m, tx, c: fb.fedadagrad(m, tx, **_server_lr(c), **_common(c)),
     "fedadam_fedbn": lambda m, tx, c: fb.fedadam(
-        m, tx, policy="fedbn", name="fedadam_fedbn", **_server_lr(c)
+        m, tx, policy="fedbn", name="fedadam_fedbn", **_server_lr(c), **_common(c)
     ),
     # SCAFFOLD's option II control variates need the client learning rate.
-    "scaffold": lambda m, tx, c: fb.scaffold(m, tx, lr=c.optim.lr),
+    "scaffold": lambda m, tx, c: fb.scaffold(m, tx, lr=c.optim.lr, **_common(c)),
     # FixBN: FedAvg until config.fix_round, then local BN frozen on the global statistics.
-    "fixbn": lambda m, tx, c: fb.fixbn(m, tx, fix_round=c.fix_round),
+    "fixbn": lambda m, tx, c: fb.fixbn(m, tx, fix_round=c.fix_round, **_common(c)),
     # BN on batch statistics only, no running statistics kept: its global model is meaningful
     # only after recalibration (fedjax_bn.recalibrate.evaluate_recalibrated).
-    "fedavg_batch_stats_only": lambda m, tx, c: fedavg_batch_stats_only(m, tx),
+    "fedavg_batch_stats_only": lambda m, tx, c: fedavg_batch_stats_only(m, tx, **_common(c)),
     # FedAvg evaluated after exact BN recalibration over all clients' data (HeteroFL's static BN).
-    "fedavg_recal": lambda m, tx, c: fb.fedavg(m, tx, name="fedavg_recal"),
+    "fedavg_recal": lambda m, tx, c: fb.fedavg(m, tx, name="fedavg_recal", **_common(c)),
     # The same model with another normalization (no BN: nothing local under any policy).
-    "fedavg_group": lambda m, tx, c: fb.fedavg(m.clone(norm="group"), tx, name="fedavg_group"),
-    "fedavg_ws": lambda m, tx, c: fb.fedavg(m.clone(norm="none"), tx, name="fedavg_ws"),
+    "fedavg_group": lambda m, tx, c: fb.fedavg(
+        m.clone(norm="group"), tx, name="fedavg_group", **_common(c)
+    ),
+    "fedavg_ws": lambda m, tx, c: fb.fedavg(
+        m.clone(norm="none"), tx, name="fedavg_ws", **_common(c)
+    ),
 }
 
 # Algorithms whose global model is evaluated after recalibrate_bn (config.recalibrate: all).

@@ -26,6 +26,7 @@ import fedjax_bn as fb
 from experiments import registry, report
 from experiments.configs import base
 from fedjax_bn import monitor
+from fedjax_bn.algorithms import model_parts
 from fedjax_bn.checkpoint import Checkpointer
 from fedjax_bn.data import FederatedData
 from fedjax_bn.recalibrate import recalibrate_bn
@@ -91,6 +92,7 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("checkpoint_every", int, 1),
     Bound("keep_checkpoints", int, 1),
     Bound("mu", float, 0),  # even when no prox algorithm is selected
+    Bound("clip_norm", float, 0, note=" (0: no clipping)"),
     Bound("server_lr", float, 0, note=" (0: the factory's default)"),
     Bound("data.num_clients", int, 1),
     Bound("data.alpha", float, 0, strict=True),
@@ -304,6 +306,11 @@ def train_run(
     x_probe, mask_probe = monitor.probe_batches(data.train, config.monitor.probe_size)
     state = alg.init(jax.random.key(seeds.init), data.train.x[0, :1], data.num_clients)
     key = jax.random.key(seeds.shuffle)
+    if alg.policy != "fedavg" and not model_parts(state).local:
+        print(
+            f"note: {alg_name}: the model has no BatchNorm layer, so under the {alg.policy} "
+            "policy nothing stays local; it trains as FedAvg."
+        )
     path = report.history_path(out, setting, alg_name, seed)
     ckpt = Checkpointer(
         checkpoint_dir(out, setting, alg_name, seed), max_to_keep=config.keep_checkpoints

@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.local_epochs = 1  # passes over its data a client makes per round
     c.executor = "sequential"  # any executor fedjax_bn.make_round knows
     c.mu = 1e-3  # FedProx proximal weight (fedprox, fedbn_prox, fedprox_bn_eval)
+    c.clip_norm = 0.0  # clip each client's update of the shared params to this L2 norm; 0: off
     c.server_lr = 0.0  # fedavgm/fedadam/fedyogi/fedadagrad server lr; 0: the factory's default
     # fixbn: rounds < fix_round are FedAvg, later rounds train BN on the frozen global
     # statistics (half of the default 40 rounds, the paper's exploration/calibration split).
