@@ -5,6 +5,7 @@ are run (sequential, lockstep vmap / chunked, sharded, auto) and is the only pla
 """
 
 from fedjax_bn.execution.batches import (
+    batches_from_order,
     gather_batch,
     round_batches,
     steps_per_epoch,
@@ -24,6 +25,7 @@ from fedjax_bn.execution.round import (
 )
 
 __all__ = [
+    "batches_from_order",
     "EXECUTORS",
     "CohortResult",
     "CohortRound",

@@ -7,6 +7,7 @@ real steps come first, then masked no-op steps. Every executor reads this one la
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,3 +68,37 @@ def valid_steps(n_c: int, n_max: int, batch_size: int, epochs: int) -> np.ndarra
 def gather_batch(x_N: jax.Array, y_N: jax.Array, idx_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Gathers one batch of a client's examples by index along axis 0."""
     return jnp.take(x_N, idx_B, axis=0), jnp.take(y_N, idx_B, axis=0)
+
+
+def batches_from_order(
+    orders: Sequence[Sequence[np.ndarray]], n_max: int, batch_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """A round's batches in a given order (e.g. another framework's), in the layout of
+    :func:`round_batches`: ``orders[c][e]`` lists the indices client ``c`` visits in epoch
+    ``e``, batch by batch (``n_c`` entries in ``[0, n_c)``: a torch ``DataLoader`` epoch with
+    ``drop_last=False``). Returns ``(idx [C, S, B], mask [C, S, B])``.
+    """
+    epochs = {len(o) for o in orders}
+    if len(epochs) != 1 or 0 in epochs:
+        raise ValueError(f"every client needs the same number (>= 1) of epochs, got {epochs}.")
+    (num_epochs,) = epochs
+    spe = steps_per_epoch(n_max, batch_size)
+    idx = np.zeros((len(orders), num_epochs * spe * batch_size), np.int32)
+    mask = np.zeros_like(idx, dtype=bool)
+    for c, client in enumerate(orders):
+        sizes = {len(np.asarray(e)) for e in client}
+        for e, order in enumerate(client):
+            order = np.asarray(order, np.int64)
+            if len(sizes) != 1 or order.size > n_max or (order.size and order.max() >= order.size):
+                raise ValueError(
+                    f"client {c}, epoch {e}: an order must list n_c indices in [0, n_c) in every "
+                    f"epoch (n_c <= n_max={n_max}); got {order.size} indices, max "
+                    f"{order.max() if order.size else None}."
+                )
+            if order.size and order.min() < 0:
+                raise ValueError(f"client {c}, epoch {e}: negative index {order.min()}.")
+            start = e * spe * batch_size
+            idx[c, start : start + order.size] = order
+            mask[c, start : start + order.size] = True
+    shape = (len(orders), num_epochs * spe, batch_size)
+    return jnp.asarray(idx.reshape(shape)), jnp.asarray(mask.reshape(shape))

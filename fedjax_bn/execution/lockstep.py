@@ -108,9 +108,13 @@ def lockstep_round(
     state: FedState,
     train: ClientArrays,
     key: Array,
+    batches: Any = None,
 ) -> tuple[FedState, RoundResult]:
-    """A whole round, pure and jittable with ``plan`` and ``run_group`` static."""
-    idx_CSB, mask_CSB = round_batches(key, train.n, plan.n_max, plan.batch_size, plan.epochs)
+    """A whole round, pure and jittable with ``plan`` and ``run_group`` static; ``batches``
+    (``(idx, mask)`` in ``round_batches``' layout) replaces the shuffle by ``key``."""
+    if batches is None:
+        batches = round_batches(key, train.n, plan.n_max, plan.batch_size, plan.epochs)
+    idx_CSB, mask_CSB = batches
     parts = []
     for group in plan.groups:
         inputs = group_inputs(group, state.clients, train, idx_CSB, mask_CSB)

@@ -29,11 +29,13 @@ import logging
 from typing import Any, Literal, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from fedjax_bn.algorithms.base import Algorithm, FedState
 from fedjax_bn.data import ClientArrays, check_client_labels
+from fedjax_bn.execution.batches import steps_per_epoch
 from fedjax_bn.execution.cohort import CohortRound
 from fedjax_bn.execution.lockstep import (
     GroupRunner,
@@ -62,7 +64,12 @@ class Executor(Protocol):
     """Runs one round of a cohort whose host-side sizes are ``sizes``."""
 
     def __call__(
-        self, state: FedState, train: ClientArrays, key: Array, sizes: tuple[int, ...]
+        self,
+        state: FedState,
+        train: ClientArrays,
+        key: Array,
+        sizes: tuple[int, ...],
+        batches: Any = None,
     ) -> tuple[FedState, RoundResult]: ...
 
 
@@ -97,8 +104,8 @@ class LockstepRound:
         self.batch_size, self.local_epochs = batch_size, local_epochs
         self.num_groups, self.mesh = num_groups, mesh
 
-        def round_fn(plan: Plan, state: FedState, train: ClientArrays, key: Array):
-            new_state, result = lockstep_round(alg, plan, run_group, state, train, key)
+        def round_fn(plan: Plan, state: FedState, train: ClientArrays, key: Array, batches: Any):
+            new_state, result = lockstep_round(alg, plan, run_group, state, train, key, batches)
             if mesh is not None and plan.num_clients % mesh.size == 0:
                 new_state = constrain_state(new_state, mesh)
             return new_state, result
@@ -114,9 +121,14 @@ class LockstepRound:
         )
 
     def __call__(
-        self, state: FedState, train: ClientArrays, key: Array, sizes: tuple[int, ...]
+        self,
+        state: FedState,
+        train: ClientArrays,
+        key: Array,
+        sizes: tuple[int, ...],
+        batches: Any = None,
     ) -> tuple[FedState, RoundResult]:
-        return self._round(self.plan(sizes, train.y.shape[1]), state, train, key)
+        return self._round(self.plan(sizes, train.y.shape[1]), state, train, key, batches)
 
 
 def build_executor(
@@ -223,10 +235,26 @@ class Round:
         return impl.plan(self.sizes(train), train.y.shape[1]).padded_fraction()
 
     def __call__(
-        self, state: FedState, train: ClientArrays, key: Array
+        self, state: FedState, train: ClientArrays, key: Array, batches: Any = None
     ) -> tuple[FedState, RoundResult]:
+        """One round; ``batches`` (from ``batches.batches_from_order``) replaces the shuffle by
+        ``key`` with a given batch order, e.g. to follow another framework's batches."""
         sizes = self.sizes(train)
-        return self._resolve(train)(state, train, key, sizes)
+        if batches is not None:
+            want = self.batch_shape(train)
+            got = tuple(jnp.shape(batches[0]))
+            if got != want or tuple(jnp.shape(batches[1])) != want:
+                raise ValueError(
+                    f"given batches have shape {got}, expected {want} [clients, epochs * "
+                    "ceil(n_max / batch_size), batch_size]: build them with "
+                    "fedjax_bn.execution.batches_from_order(orders, n_max, batch_size)."
+                )
+        return self._resolve(train)(state, train, key, sizes, batches)
+
+    def batch_shape(self, train: ClientArrays) -> tuple[int, int, int]:
+        """The ``[C, S, B]`` shape of a round's batch indices for ``train``."""
+        b, e = self.options["batch_size"], self.options["local_epochs"]
+        return (int(train.n.shape[0]), e * steps_per_epoch(int(train.y.shape[1]), b), b)
 
 
 def make_round(

@@ -48,10 +48,15 @@ class SequentialRound:
         self.alg, self.batch_size, self.epochs = alg, batch_size, local_epochs
         self.steps_per_call = steps_per_call
 
-        def begin(state: FedState, n_C: Array, key: Array, n_max: int) -> tuple[Array, Array, Any]:
-            """The round's batches, and the stacked outputs every client starts from (a client
-            with no data reports its starting model and keeps its state)."""
-            idx_CSB, mask_CSB = round_batches(key, n_C, n_max, batch_size, local_epochs)
+        def begin(
+            state: FedState, n_C: Array, key: Array, n_max: int, batches: Any = None
+        ) -> tuple[Array, Array, Any]:
+            """The round's batches (shuffled by ``key``, or the given ``batches``), and the
+            stacked outputs every client starts from (a client with no data reports its
+            starting model and keeps its state)."""
+            if batches is None:
+                batches = round_batches(key, n_C, n_max, batch_size, local_epochs)
+            idx_CSB, mask_CSB = batches
             start = jax.vmap(
                 lambda cl: alg.client_final(alg.client_init(state.server, cl)),
                 axis_size=n_C.shape[0],  # clients may be an empty tree (fedavg)
@@ -106,10 +111,15 @@ class SequentialRound:
         )
 
     def __call__(
-        self, state: FedState, train: ClientArrays, key: Array, sizes: tuple[int, ...]
+        self,
+        state: FedState,
+        train: ClientArrays,
+        key: Array,
+        sizes: tuple[int, ...],
+        batches: Any = None,
     ) -> tuple[FedState, RoundResult]:
         n_max = train.y.shape[1]
-        idx_CSB, mask_CSB, finals = self._begin(state, train.n, key, n_max)
+        idx_CSB, mask_CSB, finals = self._begin(state, train.n, key, n_max, batches)
         data = (train.x, train.y, idx_CSB, mask_CSB)
         for c, calls in enumerate(self._schedule(sizes, n_max)):
             carry, last = None, len(calls) - 1
