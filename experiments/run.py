@@ -213,11 +213,33 @@ def resume_config(directory: str) -> ml_collections.ConfigDict:
     """The config a run in ``directory`` was started with (its ``config.json``)."""
     path = Path(directory).expanduser() / "config.json"
     try:
-        config = ml_collections.ConfigDict(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise runner.ConfigError(f"Cannot resume from {directory}: {e}.") from e
+    # Fields added to the config since the run started take their defaults (they did not
+    # exist, so the run behaved as their defaults do).
+    config = _load(DEFAULT_CONFIG)
+    unknown = _overlay(config, saved, "")
+    if unknown:
+        raise runner.ConfigError(
+            f"Cannot resume from {directory}: its config.json has fields this version does not "
+            f"know: {', '.join(unknown)}."
+        )
     config.out_dir = str(path.parent.resolve())
     return config
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: dict[str, Any], prefix: str) -> list[str]:
+    """Set ``saved``'s values into ``config``; returns the dotted names it does not have."""
+    unknown = []
+    for key, value in saved.items():
+        if key not in config:
+            unknown.append(prefix + key)
+        elif isinstance(value, dict):
+            unknown += _overlay(config[key], value, f"{prefix}{key}.")
+        else:
+            config[key] = tuple(value) if isinstance(value, list) else value
+    return unknown
 
 
 def main(argv: Sequence[str] | None = None) -> int:

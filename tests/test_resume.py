@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import registry, run, runner
 from fedjax_bn.checkpoint import Checkpointer
@@ -116,3 +117,17 @@ def test_existing_results_are_refused_without_resume_or_overwrite(tmp_path: Path
     assert run.main(["run", f"--resume={out}"]) == 0  # complete: nothing re-runs
     assert (out / HISTORY).read_text().count("\n") == 1
     assert run.main(["run", f"--resume={out}", "--config.rounds=3"]) == 2
+
+
+def test_resume_fills_fields_added_since_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    saved = run.resume_config  # the function under test
+    config = json.loads(json.dumps(run.parse_config(["run", *ARGS]).to_dict(), default=list))
+    del config["clip_norm"]  # as if the run predates the field
+    (out / "config.json").write_text(json.dumps(config))
+    assert saved(str(out)).clip_norm == 0.0
+    config["no_such_field"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(runner.ConfigError, match="no_such_field"):
+        saved(str(out))
