@@ -90,6 +90,7 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("local_epochs", int, 1),
     Bound("eval_batch_size", int, 1),
     Bound("checkpoint_every", int, 1),
+    Bound("cohort_size", int, 0, note=" (0: every client every round)"),
     Bound("keep_checkpoints", int, 1),
     Bound("mu", float, 0),  # even when no prox algorithm is selected
     Bound("clip_norm", float, 0, note=" (0: no clipping)"),
@@ -181,6 +182,11 @@ def validate(config: Config) -> Config:
         raise ConfigError("Give at least one setting and one algorithm.")
     config.seeds = parse_seeds(config.seeds)
     check_numbers(config)
+    if config.cohort_size > config.data.num_clients:
+        raise ConfigError(
+            f"config.cohort_size ({config.cohort_size}) exceeds the population "
+            f"(config.data.num_clients = {config.data.num_clients}); 0 trains every client."
+        )
     model = registry.build_model(config, num_classes=10)
     tx = registry.build_optimizer(config)
     try:  # factories check their hyperparameters; make_round knows the executors
@@ -301,6 +307,7 @@ def train_run(
         executor=config.executor,
         batch_size=config.batch_size,
         local_epochs=config.local_epochs,
+        cohort_size=config.cohort_size or None,
     )
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
     x_probe, mask_probe = monitor.probe_batches(data.train, config.monitor.probe_size)
@@ -343,7 +350,8 @@ def train_run(
             # The clients' post-round statistics, when the round returns them (see monitor.py).
             client_stats = getattr(result, "batch_stats", None)
             div = measure(state, x_probe, mask_probe, client_stats)
-            quarantined = [int(c) for c in np.flatnonzero(np.asarray(result.quarantined))]
+            ids = np.asarray(getattr(result, "clients", np.arange(len(result.loss))))
+            quarantined = [int(ids[c]) for c in np.flatnonzero(np.asarray(result.quarantined))]
             if quarantined:
                 print(
                     f"warning: {setting} {alg_name} seed={seed} round {rnd}: clients "
@@ -361,6 +369,7 @@ def train_run(
                 "global_loss": None,
                 "client_acc": None,
                 "quarantined": quarantined,
+                "cohort": [int(c) for c in ids if c < data.num_clients],
                 "bn_div": float(monitor.mean_over_layers(div["bn"])),
                 "bn_div_source": monitor.stats_source(state, client_stats),
                 "probe_div": float(monitor.mean_over_layers(div["probe"])),

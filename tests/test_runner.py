@@ -341,3 +341,14 @@ def test_table_names_the_statistics_of_each_bn_divergence() -> None:
     fedavg, fedbn = (line for line in table.splitlines() if line.startswith("fed"))
     assert "[probe]" in fedavg and "[running]" in fedbn
     assert "[probe] = " in table and "[running] = " in table  # what the tags mean
+
+
+def test_cohort_runs_name_each_rounds_cohort(tmp_path) -> None:
+    out = tmp_path / "out"
+    argv = tiny_argv(out, "--config.rounds=2", "--config.cohort_size=2", algorithms="fedbn")
+    assert run.main(argv) == 0
+    rows = report.read_history(report.history_path(out, "digits_feature_shift", "fedbn", 0))
+    assert [len(r["cohort"]) for r in rows] == [2, 2]
+    assert all(r["cohort"] == sorted(set(r["cohort"])) for r in rows)
+    too_many = tiny_argv(tmp_path / "x", "--config.cohort_size=999")
+    assert run.main(too_many) == 2

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fix_round = 20
     c.out_dir = ""  # empty: results/<name>-<timestamp>
     c.recalibrate = False  # evaluate fedavg-policy models after exact BN recalibration
+    c.cohort_size = 0  # clients sampled (uniformly) per round; 0: every client every round
     c.checkpoint_every = 5  # save the run state (orbax) every this many rounds, and at the end
     c.keep_checkpoints = 2  # how many of a run's latest checkpoints are kept
     c.progress = True  # tqdm bar per run
