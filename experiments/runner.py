@@ -23,13 +23,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import fedjax_bn as fb
-from experiments import registry, report
+from experiments import evaluation, registry, report
 from experiments.configs import base
 from fedjax_bn import monitor
 from fedjax_bn.algorithms import model_parts
 from fedjax_bn.checkpoint import Checkpointer
 from fedjax_bn.data import FederatedData
 from fedjax_bn.recalibrate import recalibrate_bn
+
+SAMPLERS = ("uniform", "by_size", "available")
 
 Config = ml_collections.ConfigDict
 ConfigError = registry.ConfigError
@@ -91,6 +93,9 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("eval_batch_size", int, 1),
     Bound("checkpoint_every", int, 1),
     Bound("cohort_size", int, 0, note=" (0: every client every round)"),
+    Bound("availability", float, 0, strict=True, high=1),
+    Bound("held_out", int, 0),
+    Bound("eval_clients", int, 0, note=" (0: every client)"),
     Bound("keep_checkpoints", int, 1),
     Bound("mu", float, 0),  # even when no prox algorithm is selected
     Bound("clip_norm", float, 0, note=" (0: no clipping)"),
@@ -182,11 +187,22 @@ def validate(config: Config) -> Config:
         raise ConfigError("Give at least one setting and one algorithm.")
     config.seeds = parse_seeds(config.seeds)
     check_numbers(config)
-    if config.cohort_size > config.data.num_clients:
+    population = config.data.num_clients - config.held_out
+    if population < 1:
+        raise ConfigError(
+            f"config.held_out ({config.held_out}) leaves no client to train out of "
+            f"config.data.num_clients = {config.data.num_clients}."
+        )
+    if config.cohort_size > population:
         raise ConfigError(
             f"config.cohort_size ({config.cohort_size}) exceeds the population "
-            f"(config.data.num_clients = {config.data.num_clients}); 0 trains every client."
+            f"(config.data.num_clients - config.held_out = {population}); 0 trains every client."
         )
+    if config.sampler not in SAMPLERS:
+        valid = ", ".join(SAMPLERS)
+        raise ConfigError(f"Unknown config.sampler {config.sampler!r}; valid: {valid}.")
+    if config.sampler != "uniform" and not config.cohort_size:
+        raise ConfigError(f"config.sampler={config.sampler!r} needs config.cohort_size >= 1.")
     model = registry.build_model(config, num_classes=10)
     tx = registry.build_optimizer(config)
     try:  # factories check their hyperparameters; make_round knows the executors
@@ -284,6 +300,15 @@ def eval_state(config: Config, alg_name: str, alg: fb.Algorithm, state: Any, dat
     return recalibrate_bn(alg, state, data, batch_size=config.eval_batch_size)
 
 
+def cohort_sampler(config: Config, num_clients: int) -> Any:
+    """The configured sampler: a name ``make_round`` knows, or ``available`` with every
+    client online with probability ``config.availability``."""
+    if config.sampler != "available":
+        return config.sampler
+    probabilities = np.full(num_clients, config.availability, np.float32)
+    return functools.partial(fb.sampling.available, probabilities=probabilities)
+
+
 def train_run(
     config: Config,
     data: FederatedData,
@@ -300,6 +325,7 @@ def train_run(
     the last round and on interrupt; ``resume`` continues from the latest one, bit for bit.
     """
     seeds = derive_seeds(seed)
+    data, held = evaluation.split_held_out(data, config.held_out)
     model = registry.build_model(config, data.num_classes)
     alg = registry.build_algorithm(alg_name, model, registry.build_optimizer(config), config)
     round_fn = fb.make_round(
@@ -308,6 +334,7 @@ def train_run(
         batch_size=config.batch_size,
         local_epochs=config.local_epochs,
         cohort_size=config.cohort_size or None,
+        sampler=cohort_sampler(config, data.num_clients),
     )
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
     x_probe, mask_probe = monitor.probe_batches(data.train, config.monitor.probe_size)
@@ -325,6 +352,7 @@ def train_run(
     done, rows = 0, []
     if resume and path.exists():
         done, state, key, rows = resume_point(path, ckpt, state, key, config.rounds)
+    seen = {c for row in rows for c in row["cohort"]}  # clients that have trained
     if done >= config.rounds:
         ckpt.close()
         return rows
@@ -379,13 +407,27 @@ def train_run(
                 "affine_div_layers": _floats(div["affine"]),
                 "seconds": seconds,
             }
-            if rnd == 1 or rnd % config.eval_every == 0 or rnd == config.rounds:
-                seen = eval_state(config, alg_name, alg, state, data)
-                glob = fb.evaluate_global(alg, seen, data, config.eval_batch_size)
-                clients = fb.evaluate_clients(alg, seen, data, config.eval_batch_size)
+            seen.update(row["cohort"])
+            final = rnd == config.rounds
+            if rnd == 1 or rnd % config.eval_every == 0 or final:
+                evaluated = eval_state(config, alg_name, alg, state, data)
+                glob = fb.evaluate_global(alg, evaluated, data, config.eval_batch_size)
                 if glob is not None:
                     row.update(global_acc=glob.accuracy, global_loss=glob.loss)
-                row["client_acc"] = acc = clients.mean_accuracy
+                ids = evaluation.eval_ids(data.num_clients, config.eval_clients, seed, rnd, final)
+                row.update(
+                    evaluation.evaluate_population(
+                        alg,
+                        evaluated,
+                        data,
+                        held,
+                        seen,
+                        ids=ids,
+                        adapt=config.adapt_bn,
+                        batch=config.eval_batch_size,
+                    )
+                )
+                acc = row["client_acc"]
             row["wall"] = time.perf_counter() - start
             writer.write(row)
             rows.append(row)

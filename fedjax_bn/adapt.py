@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bn import policy as policy_lib
+from fedjax_bn.aggregate import weighted_mean
 from fedjax_bn.algorithms.base import Algorithm, FedState, client_variables, model_parts
 from fedjax_bn.recalibrate import LayerMoments, bn_input_moments, pool, with_moments
-from fedjax_bn.tree import Variables
+from fedjax_bn.tree import Variables, take_client
 
 Array = jax.Array
 
@@ -88,3 +89,17 @@ def adapt_bn(
                 "adapt client c's model."
             )
     return adapt_variables(alg.model, variables, x_N, batch_size=batch_size)
+
+
+def new_client_variables(alg: Algorithm, state: FedState, train_sizes: Array) -> Variables:
+    """The model a client that was never in the population starts from: the policy's global
+    model (fedavg, silobn: statistics pooled by ``train_sizes``); under fedbn, which has none,
+    the shared leaves plus the population's ``train_sizes``-weighted mean of the clients' local
+    BN leaves. Pass it through :func:`adapt_variables` on the client's images to give it its
+    own statistics (AdaBN) before use."""
+    parts = model_parts(state)
+    variables = policy_lib.global_variables(alg.policy, *parts, train_sizes)
+    if variables is not None:
+        return variables
+    local = weighted_mean(parts.local, jnp.asarray(train_sizes), take_client(parts.local, 0))
+    return policy_lib.merge(parts.shared, parts.pooled, local)

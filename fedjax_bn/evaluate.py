@@ -9,6 +9,7 @@ policy.
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -40,6 +41,7 @@ class ClientMetrics(NamedTuple):
     count: np.ndarray
     mean_accuracy: float
     weighted_accuracy: float
+    ids: np.ndarray | None = None  # the client ids evaluated, in the order of the arrays
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -91,15 +93,41 @@ def evaluate_global(
 
 
 def evaluate_clients(
-    alg: Algorithm, state: FedState, data: FederatedData, batch_size: int = 256
+    alg: Algorithm,
+    state: FedState,
+    data: FederatedData,
+    batch_size: int = 256,
+    *,
+    clients: Sequence[int] | None = None,
+    adapt: Collection[int] = (),
 ) -> ClientMetrics:
-    """Each client's model (its own local BN leaves) on its own test data."""
-    x_C, y_C, n_C = (np.asarray(a) for a in (data.test.x, data.test.y, data.test.n))
-    per = [
-        evaluate_model(alg.model, client_model(alg, state, c), x_C[c, :n], y_C[c, :n], batch_size)
-        for c, n in enumerate(n_C)
-    ]
+    """Each client's model (its own local BN leaves) on its own test data.
+
+    ``clients``: evaluate only these client ids (a sample, for populations too large to
+    evaluate every round; default all). Clients in ``adapt`` first get their BN running
+    statistics recomputed on their own training images (AdaBN, :func:`fedjax_bn.adapt_bn`; no
+    labels used): for clients that never trained, whose local BN is still the initial one.
+    One client's model at a time is built, so memory does not grow with the population.
+    """
+    ids = range(len(np.asarray(data.test.n))) if clients is None else clients
+    ids = np.asarray(ids, dtype=np.int64)
+    n_C = np.asarray(data.test.n)
+    if ids.size == 0:
+        raise ValueError("evaluate_clients needs at least one client id, got none.")
+    if ids.min() < 0 or ids.max() >= len(n_C):
+        raise ValueError(f"client ids must lie in [0, {len(n_C)}), got {ids.tolist()}.")
+    from fedjax_bn.adapt import adapt_variables  # adapt -> recalibrate -> evaluate: no cycle
+
+    per = []
+    for c in ids.tolist():
+        variables = client_model(alg, state, c)
+        if c in adapt:
+            x_train = np.asarray(data.train.x[c, : int(data.train.n[c])])
+            variables = adapt_variables(alg.model, variables, x_train, batch_size=batch_size)
+        x, y = np.asarray(data.test.x[c, : n_C[c]]), np.asarray(data.test.y[c, : n_C[c]])
+        per.append(evaluate_model(alg.model, variables, x, y, batch_size))
     loss, acc, count = (np.array(v) for v in zip(*per, strict=True))
     has = count > 0
     weighted = float(np.sum(acc[has] * count[has]) / max(np.sum(count), 1))
-    return ClientMetrics(loss, acc, count, float(np.mean(acc[has])), weighted)
+    mean = float(np.mean(acc[has])) if has.any() else float("nan")
+    return ClientMetrics(loss, acc, count, mean, weighted, ids)

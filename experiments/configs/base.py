@@ -41,7 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.fix_round = 20
     c.out_dir = ""  # empty: results/<name>-<timestamp>
     c.recalibrate = False  # evaluate fedavg-policy models after exact BN recalibration
-    c.cohort_size = 0  # clients sampled (uniformly) per round; 0: every client every round
+    c.cohort_size = 0  # clients sampled per round (by `sampler`); 0: every client every round
+    c.sampler = "uniform"  # cohort sampler: uniform | by_size | available (see availability)
+    c.availability = 1.0  # sampler=available: each client's chance of being online in a round
+    c.held_out = 0  # the partition's last this many clients never train; evaluated as newcomers
+    c.eval_clients = 0  # clients evaluated at intermediate evaluations (a sample); 0: all
+    c.adapt_bn = False  # also evaluate never-trained and held-out clients after AdaBN
     c.checkpoint_every = 5  # save the run state (orbax) every this many rounds, and at the end
     c.keep_checkpoints = 2  # how many of a run's latest checkpoints are kept
     c.progress = True  # tqdm bar per run
