@@ -40,6 +40,8 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     "fedbn": lambda m, tx, c: fb.fedbn(m, tx, **_common(c)),
     "silobn": lambda m, tx, c: fb.silobn(m, tx, **_common(c)),
     "fedbn_prox": lambda m, tx, c: fb.fedbn_prox(m, tx, c.mu, **_common(c)),
+    # FedNova (Wang et al. 2020): normalized averaging, so clients doing more steps don't dominate.
+    "fednova": lambda m, tx, c: fb.fednova(m, tx, **_common(c)),
     # The original bug, on purpose: FedProx whose local training keeps BN in eval mode.
     "fedprox_bn_eval": lambda m, tx, c: fb.fedprox(
         m, tx, c.mu, bn_train=False, name="fedprox_bn_eval", **_common(c)

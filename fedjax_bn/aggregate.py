@@ -87,3 +87,31 @@ def pooled_moments(mean_CX: Array, var_CX: Array, w_C: Array) -> tuple[Array, Ar
     mean = jnp.tensordot(w_C, mean_CX, axes=1)
     second = jnp.tensordot(w_C, var_CX + jnp.square(mean_CX), axes=1)
     return mean, jnp.maximum(second - jnp.square(mean), 0.0)
+
+
+def normalized_mean(stacked: Any, weights_C: Array, steps_C: Array, server: Any) -> Any:
+    """FedNova's normalized average (Wang et al. 2020, vanilla SGD form) of ``stacked``.
+
+    With ``p`` the normalized weights, ``tau_c`` client ``c``'s local steps and
+    ``d_c = (x - y_c) / tau_c`` its update per step, the result is
+    ``x - tau_eff * sum_c p_c d_c``, ``tau_eff = sum_c p_c tau_c``: each client's update is
+    rescaled by ``tau_eff / tau_c``, so a client doing more steps no longer counts for more.
+    Equal steps give :func:`weighted_mean` back. A client with ``tau_c = 0`` contributes
+    nothing (no division by zero). Integer leaves keep the server's value and dtype.
+    """
+    p_C = normalized_weights(weights_C)
+    check_stacked(stacked, server, p_C.shape[0])
+    tau_C = jnp.asarray(steps_C, jnp.float32)
+    if tau_C.shape != p_C.shape:
+        raise ValueError(f"steps_C must have shape {p_C.shape}, got {tau_C.shape}.")
+    tau_eff = jnp.sum(p_C * tau_C)
+    scale_C = jnp.where(tau_C > 0, p_C * tau_eff / jnp.where(tau_C > 0, tau_C, 1.0), 0.0)
+
+    def leaf(stacked_CX: Array, server_X: Any) -> Array:
+        if is_integer_leaf(stacked_CX):
+            return server_X
+        x = jnp.asarray(server_X, jnp.float32)
+        step = jnp.tensordot(scale_C, stacked_CX.astype(jnp.float32) - x, axes=1)
+        return (x + step).astype(stacked_CX.dtype)
+
+    return jax.tree.map(leaf, stacked, server)

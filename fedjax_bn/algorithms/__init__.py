@@ -22,6 +22,7 @@ from fedjax_bn.algorithms.fedavg import (
     server_step,
     silobn,
 )
+from fedjax_bn.algorithms.fednova import fednova
 from fedjax_bn.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
 from fedjax_bn.algorithms.fixbn import fixbn
 from fedjax_bn.algorithms.scaffold import scaffold
@@ -39,6 +40,7 @@ __all__ = [
     "fedavgm",
     "fedbn",
     "fedbn_prox",
+    "fednova",
     "fedprox",
     "fedyogi",
     "fixbn",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_bn import client as client_lib
-from fedjax_bn.aggregate import weighted_mean
+from fedjax_bn.aggregate import normalized_mean, weighted_mean
 from fedjax_bn.algorithms.base import (
     Algorithm,
     FedState,
@@ -41,6 +41,7 @@ from fedjax_bn.policy import (
 from fedjax_bn.tree import Variables, check_same_structure, repeat_clients
 
 Array = jax.Array
+NORMALIZE: tuple[str | None, ...] = (None, "fednova")  # server averaging: plain or FedNova
 
 
 class ServerState(NamedTuple):
@@ -59,10 +60,12 @@ class ClientState(NamedTuple):
 
 
 class Message(NamedTuple):
-    """What a client sends: its shared and poolable leaves after local training."""
+    """What a client sends: its shared and poolable leaves after local training, and with
+    ``normalize="fednova"`` its number of local steps ``tau`` (None otherwise)."""
 
     shared: Variables
     pooled: Variables
+    steps: Array | None = None
 
 
 class Carry(NamedTuple):
@@ -121,6 +124,7 @@ def make_algorithm(
     server_tx: optax.GradientTransformation | None = None,
     bn_stats: BnStats = "pooled",
     clip_norm: float | None = None,
+    normalize: str | None = None,
     name: str | None = None,
 ) -> Algorithm:
     """Build an algorithm from a BN policy (``policy.py``) and local/server options.
@@ -133,7 +137,8 @@ def make_algorithm(
     statistics of the union of the clients' data) or ``"mean"`` (the plain weighted mean of
     each statistic, as PyTorch loops and Flower do). ``clip_norm``: each client's update of
     the shared float parameters is scaled to at most this L2 norm before averaging (a guard
-    against exploding clients, next to the executors' NaN quarantine).
+    against exploding clients, next to the executors' NaN quarantine). ``normalize="fednova"``:
+    FedNova's normalized averaging of the shared float parameters (``algorithms/fednova.py``).
     """
     check_policy(policy)
     require_train_keyword(model)
@@ -141,6 +146,8 @@ def make_algorithm(
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
     if clip_norm is not None and clip_norm <= 0:
         raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {clip_norm}.")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"Unknown normalize {normalize!r}; valid: None, 'fednova'.")
     if bn_stats not in BN_STATS:
         raise ValueError(f"Unknown bn_stats {bn_stats!r}; valid: {', '.join(BN_STATS)}.")
     spec = LocalTraining(model=model, tx=client_tx, mu=float(mu), bn_train=bn_train)
@@ -167,7 +174,8 @@ def make_algorithm(
         parts = partition(carry.local.variables, policy)
         opt = carry.local.opt_state if persist_client_optimizer else None
         metrics = client_lib.metrics(carry.local)
-        return Message(parts.shared, parts.pooled), ClientState(parts.local, opt), metrics
+        steps = carry.local.steps if normalize else None
+        return Message(parts.shared, parts.pooled, steps), ClientState(parts.local, opt), metrics
 
     def server_update(server: ServerState, messages: Message, weights_C: Array) -> ServerState:
         check_same_structure(
@@ -176,7 +184,12 @@ def make_algorithm(
         shared_C = messages.shared
         if clip_norm is not None:
             shared_C = clip_updates(shared_C, server.shared, clip_norm)
-        mean = weighted_mean(shared_C, weights_C, server.shared)
+        if normalize is None:
+            mean = weighted_mean(shared_C, weights_C, server.shared)
+        elif messages.steps is None:
+            raise ValueError("normalize='fednova' needs each client's steps in Message.steps.")
+        else:
+            mean = normalized_mean(shared_C, weights_C, messages.steps, server.shared)
         shared, opt_state = server_step(server_tx, server.shared, server.opt_state, mean)
         pooled = server.pooled and pool_batch_stats(
             messages.pooled, weights_C, server.pooled, bn_stats

@@ -56,6 +56,14 @@ def round_batches(
     return idx.reshape(shape), mask.reshape(shape)
 
 
+def budget_mask(mask_CSB: jax.Array, budget_C: jax.Array) -> jax.Array:
+    """``mask_CSB`` with every step past client ``c``'s first ``budget_C[c]`` real steps (steps
+    holding any example, in layout order) masked out: a budget as data, so no re-compile."""
+    real_CS = jnp.any(mask_CSB, axis=-1)
+    keep_CS = jnp.cumsum(real_CS, axis=1) <= jnp.asarray(budget_C)[:, None]
+    return mask_CSB & keep_CS[..., None]
+
+
 def valid_steps(n_c: int, n_max: int, batch_size: int, epochs: int) -> np.ndarray:
     """Host: the steps in [0, S) of ``round_batches`` that hold any example of a size-n_c client."""
     spe = steps_per_epoch(n_max, batch_size)

@@ -18,6 +18,10 @@
 Empty cohort slots (a sampler found fewer than ``K`` clients) get size 0: they take no step
 and have weight 0, and their state is never written.
 
+A budget (``make_round(budget=...)``, ``fedjax_bn.budgets``) is per population client id: it
+is drawn for all ``N`` clients from the round key's ``BUDGET_STREAM`` and gathered for the
+cohort (empty slots: 0).
+
 No re-compilation. Shapes depend on the cohort through its padded size ``N_max`` (and so the
 steps per epoch): it is bucketed to the next power of two, capped at the population's padded
 size (:func:`size_bucket`), so a round compiles once per bucket. The sequential executor
@@ -53,7 +57,7 @@ if TYPE_CHECKING:
     from fedjax_bn.execution.round import Round
 
 Array = jax.Array
-SAMPLER_STREAM, EXECUTOR_STREAM = 0, 1  # fold_in streams of the round key
+SAMPLER_STREAM, EXECUTOR_STREAM, BUDGET_STREAM = 0, 1, 2  # fold_in streams of the round key
 
 
 class CohortResult(NamedTuple):
@@ -161,10 +165,19 @@ class CohortRound:
         exact = isinstance(impl, SequentialRound) or self.inner.options["num_groups"] > 1
         sub = FedState(state.server, clients, state.round)
         run_key = jax.random.fold_in(key, EXECUTOR_STREAM)
-        new, result = impl(sub, cohort, run_key, plan_sizes(sizes, hi, exact))
+        budget = cohort_budget(self.inner.draw_budget(key, state.round, num), ids)
+        new, result = impl(sub, cohort, run_key, plan_sizes(sizes, hi, exact), None, budget)
         population = store.scatter(population, ids, new.clients, num)
         out = CohortResult(*result, jnp.asarray(ids, jnp.int32))
         return FedState(new.server, population, new.round), out
+
+
+def cohort_budget(budget_N: np.ndarray | None, ids: np.ndarray) -> np.ndarray | None:
+    """The cohort's budgets from the population's (per population id); empty slots get 0."""
+    if budget_N is None:
+        return None
+    num = len(budget_N)
+    return np.where(ids < num, budget_N[np.minimum(ids, num - 1)], 0).astype(np.int32)
 
 
 def check_population(clients: Any, num_clients: int) -> None:

@@ -3,13 +3,15 @@
 The whole round (on-device shuffling and batching with ``jax.random``, every client's local
 steps, aggregation) is one jitted function of a static :class:`~fedjax_bn.execution.plan.Plan`.
 Clients that ran out of data take masked no-op steps; steps that are full for every client of
-a group run with no mask at all. ``sharded.py`` runs the same group function under
+a group run with no mask at all (none with a budget: ``fedjax_bn.budgets``, whose steps past a
+client's budget are masked, as data). ``sharded.py`` runs the same group function under
 ``shard_map``. Client states are gathered and scattered as whole trees: nothing here knows an
 algorithm's fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,8 +19,9 @@ import jax
 import numpy as np
 
 from fedjax_bn.algorithms.base import Algorithm, FedState
+from fedjax_bn.budgets import budget_weights
 from fedjax_bn.data import ClientArrays
-from fedjax_bn.execution.batches import round_batches
+from fedjax_bn.execution.batches import budget_mask, round_batches
 from fedjax_bn.execution.loop import LocalLoop, local_steps
 from fedjax_bn.execution.plan import Group, Plan, client_order
 from fedjax_bn.execution.quarantine import aggregate_round
@@ -109,14 +112,22 @@ def lockstep_round(
     train: ClientArrays,
     key: Array,
     batches: Any = None,
+    budget_C: Array | None = None,
 ) -> tuple[FedState, RoundResult]:
     """A whole round, pure and jittable with ``plan`` and ``run_group`` static; ``batches``
-    (``(idx, mask)`` in ``round_batches``' layout) replaces the shuffle by ``key``."""
+    (``(idx, mask)`` in ``round_batches``' layout) replaces the shuffle by ``key``;
+    ``budget_C`` (``fedjax_bn.budgets``) masks each client's steps past its budget."""
     if batches is None:
         batches = round_batches(key, train.n, plan.n_max, plan.batch_size, plan.epochs)
     idx_CSB, mask_CSB = batches
+    weights_C = train.n
+    if budget_C is not None:
+        mask_CSB = budget_mask(mask_CSB, budget_C)
+        weights_C = budget_weights(train.n, budget_C)
     parts = []
     for group in plan.groups:
+        if budget_C is not None:  # a budget may cut any step: none may run unmasked
+            group = dataclasses.replace(group, full=0)
         inputs = group_inputs(group, state.clients, train, idx_CSB, mask_CSB)
         out = run_group(group, state.server, inputs)
         if group.clients is not None and group.num_real < len(group.clients):
@@ -126,7 +137,7 @@ def lockstep_round(
     order = client_order(plan)
     if order is not None:
         results = take_client(results, order)
-    server, clients, bad = aggregate_round(alg, state.server, state.clients, results, train.n)
+    server, clients, bad = aggregate_round(alg, state.server, state.clients, results, weights_C)
     return FedState(server, clients, state.round + 1), RoundResult(*results[2], bad)
 
 

@@ -149,9 +149,12 @@ def padded_fraction(
     return plan.padded_fraction()
 
 
-def schedule(n_c: int, n_max: int, batch_size: int, epochs: int, per_call: int) -> list[Call]:
+def schedule(
+    n_c: int, n_max: int, batch_size: int, epochs: int, per_call: int, budget: int | None = None
+) -> list[Call]:
     """A client's jitted calls for ``sequential``: runs of up to ``per_call`` full steps, then
-    the partial step, per epoch. A client with no data has no calls."""
+    the partial step, per epoch. A client with no data has no calls. ``budget``: the calls are
+    cut after that many steps (``fedjax_bn.budgets``), the steps past it never run."""
     spe = steps_per_epoch(n_max, batch_size)
     full, partial = divmod(n_c, batch_size)
     calls: list[Call] = []
@@ -160,4 +163,17 @@ def schedule(n_c: int, n_max: int, batch_size: int, epochs: int, per_call: int) 
             calls.append((e * spe + s, min(per_call, full - s), False))
         if partial:
             calls.append((e * spe + full, 1, True))
-    return calls
+    return calls if budget is None else truncate(calls, budget)
+
+
+def truncate(calls: list[Call], budget: int) -> list[Call]:
+    """The prefix of ``calls`` that runs ``budget`` steps (the last call cut short if needed)."""
+    if budget < 0:
+        raise ValueError(f"a budget must be >= 0 steps, got {budget}.")
+    out: list[Call] = []
+    for s, num, masked in calls:
+        if budget <= 0:
+            break
+        out.append((s, min(num, budget), masked))
+        budget -= num
+    return out

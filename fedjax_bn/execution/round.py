@@ -26,6 +26,7 @@ once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import jax
@@ -33,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from fedjax_bn import budgets
 from fedjax_bn.algorithms.base import Algorithm, FedState
+from fedjax_bn.budgets import Budget
 from fedjax_bn.data import ClientArrays, check_client_labels
 from fedjax_bn.execution.batches import steps_per_epoch
-from fedjax_bn.execution.cohort import CohortRound
+from fedjax_bn.execution.cohort import BUDGET_STREAM, CohortRound
 from fedjax_bn.execution.lockstep import (
     GroupRunner,
     RoundResult,
@@ -61,7 +64,8 @@ logger = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    """Runs one round of a cohort whose host-side sizes are ``sizes``."""
+    """Runs one round of a cohort whose host-side sizes are ``sizes``; ``budget``: each
+    client's most local steps (host int32 ``[C]``, ``fedjax_bn.budgets``), None: no limit."""
 
     def __call__(
         self,
@@ -70,6 +74,7 @@ class Executor(Protocol):
         key: Array,
         sizes: tuple[int, ...],
         batches: Any = None,
+        budget: np.ndarray | None = None,
     ) -> tuple[FedState, RoundResult]: ...
 
 
@@ -104,8 +109,12 @@ class LockstepRound:
         self.batch_size, self.local_epochs = batch_size, local_epochs
         self.num_groups, self.mesh = num_groups, mesh
 
-        def round_fn(plan: Plan, state: FedState, train: ClientArrays, key: Array, batches: Any):
-            new_state, result = lockstep_round(alg, plan, run_group, state, train, key, batches)
+        def round_fn(
+            plan: Plan, state: FedState, train: ClientArrays, key: Array, batches: Any, budget: Any
+        ):
+            new_state, result = lockstep_round(
+                alg, plan, run_group, state, train, key, batches, budget
+            )
             if mesh is not None and plan.num_clients % mesh.size == 0:
                 new_state = constrain_state(new_state, mesh)
             return new_state, result
@@ -127,8 +136,11 @@ class LockstepRound:
         key: Array,
         sizes: tuple[int, ...],
         batches: Any = None,
+        budget: np.ndarray | None = None,
     ) -> tuple[FedState, RoundResult]:
-        return self._round(self.plan(sizes, train.y.shape[1]), state, train, key, batches)
+        budget_C = None if budget is None else jnp.asarray(budget, jnp.int32)  # data: no re-jit
+        plan = self.plan(sizes, train.y.shape[1])
+        return self._round(plan, state, train, key, batches, budget_C)
 
 
 def build_executor(
@@ -188,11 +200,15 @@ class Round:
     Host-side it reads the clients' sizes and checks the labels once per data set (cached on
     the ``train.n`` array); everything else stays on device. ``executor`` is the executor that
     runs (``auto`` resolved at the first call); ``padded_fraction(train)`` the share of no-op
-    client-steps it runs.
+    client-steps it runs (budgets not counted). ``budget``: each client's most local steps per
+    round (``fedjax_bn.budgets``), drawn from the round key's ``BUDGET_STREAM``.
     """
 
-    def __init__(self, alg: Algorithm, executor: ExecutorName, **options: Any) -> None:
+    def __init__(
+        self, alg: Algorithm, executor: ExecutorName, budget: Budget | None = None, **options: Any
+    ) -> None:
         self.alg, self.requested, self.options = alg, executor, options
+        self.budget = budget
         self.executor: str | None = None if executor == "auto" else executor
         self._sizes_of: Array | None = None
         self._sizes: tuple[int, ...] = ()
@@ -249,7 +265,14 @@ class Round:
                     "ceil(n_max / batch_size), batch_size]: build them with "
                     "fedjax_bn.execution.batches_from_order(orders, n_max, batch_size)."
                 )
-        return self._resolve(train)(state, train, key, sizes, batches)
+        budget = self.draw_budget(key, state.round, len(sizes))
+        return self._resolve(train)(state, train, key, sizes, batches, budget)
+
+    def draw_budget(self, key: Array, round_: Array, num_clients: int) -> np.ndarray | None:
+        """This round's host budgets for ``num_clients`` clients (None without a budget), from
+        the ``BUDGET_STREAM`` of the round key (the batches' shuffle is left as it was)."""
+        stream = None if self.budget is None else jax.random.fold_in(key, BUDGET_STREAM)
+        return budgets.draw(self.budget, stream, round_, num_clients)
 
     def batch_shape(self, train: ClientArrays) -> tuple[int, int, int]:
         """The ``[C, S, B]`` shape of a round's batch indices for ``train``."""
@@ -271,6 +294,7 @@ def make_round(
     cohort_size: int | None = None,
     sampler: str | Sampler = "uniform",
     state_placement: Placement = "auto",
+    budget: Budget | Sequence[int] | np.ndarray | None = None,
 ) -> Round | CohortRound:
     """A round function ``(state, train_arrays, key) -> (state, RoundResult)``.
 
@@ -285,6 +309,12 @@ def make_round(
     every client, every round. ``sampler``: ``"uniform"``, ``"by_size"`` or a
     :data:`~fedjax_bn.sampling.Sampler`; ``state_placement``: the population's client state
     on the ``"device"``, the ``"host"`` (numpy) or ``"auto"`` (``execution/store.py``).
+
+    ``budget``: stragglers, each client's most local steps per round (``fedjax_bn.budgets``):
+    None (no limit), one int per client (fixed; with ``cohort_size`` one per population id) or
+    a :data:`~fedjax_bn.budgets.Budget` drawn per round, e.g. ``budgets.uniform_steps(1, 5)``.
+    Steps past it are masked (lockstep executors) or skipped (``sequential``); a client's
+    weight stays its size ``n_c``, 0 with budget 0.
     """
     if batch_size < 1 or local_epochs < 1:
         raise ValueError(
@@ -306,6 +336,7 @@ def make_round(
     rnd = Round(
         alg,
         executor,
+        budgets.as_budget(budget),
         batch_size=batch_size,
         local_epochs=local_epochs,
         loop=loop or default_local_loop(),

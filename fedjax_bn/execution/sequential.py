@@ -6,7 +6,8 @@ per-client convs 2-5x slower. Here nothing loops on device: the host walks a sch
 once from the clients' sizes (``plan.schedule``) and dispatches jitted calls that each run
 ``steps_per_call`` unrolled steps of the one local loop (``loop.local_steps``).
 
-- Only real steps run: a client's no-op (fully padded) steps are skipped, not masked.
+- Only real steps run: a client's no-op (fully padded) steps are skipped, not masked, and
+  so are the steps past its budget (``fedjax_bn.budgets``: its schedule is cut short).
 - Full batches run with no mask at all, so a step costs what a plain jitted train step costs;
   only a client's last, partial batch per epoch is masked.
 - A client's ``client_init`` is fused into its first call, and its last call runs
@@ -24,8 +25,11 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from fedjax_bn.algorithms.base import Algorithm, FedState
+from fedjax_bn.budgets import budget_weights
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution.batches import round_batches
 from fedjax_bn.execution.lockstep import Outputs, RoundResult
@@ -105,9 +109,13 @@ class SequentialRound:
         self._finish = jax.jit(finish)
         self._schedule = functools.lru_cache(maxsize=64)(self._build_schedule)
 
-    def _build_schedule(self, sizes: tuple[int, ...], n_max: int) -> tuple[list[Call], ...]:
+    def _build_schedule(
+        self, sizes: tuple[int, ...], n_max: int, budget: tuple[int, ...] | None
+    ) -> tuple[list[Call], ...]:
+        per_client = budget or (None,) * len(sizes)
         return tuple(
-            schedule(n, n_max, self.batch_size, self.epochs, self.steps_per_call) for n in sizes
+            schedule(n, n_max, self.batch_size, self.epochs, self.steps_per_call, b)
+            for n, b in zip(sizes, per_client, strict=True)
         )
 
     def __call__(
@@ -117,11 +125,13 @@ class SequentialRound:
         key: Array,
         sizes: tuple[int, ...],
         batches: Any = None,
+        budget: np.ndarray | None = None,
     ) -> tuple[FedState, RoundResult]:
         n_max = train.y.shape[1]
         idx_CSB, mask_CSB, finals = self._begin(state, train.n, key, n_max, batches)
         data = (train.x, train.y, idx_CSB, mask_CSB)
-        for c, calls in enumerate(self._schedule(sizes, n_max)):
+        steps = None if budget is None else tuple(int(b) for b in budget)
+        for c, calls in enumerate(self._schedule(sizes, n_max, steps)):
             carry, last = None, len(calls) - 1
             for i, (s, num, masked) in enumerate(calls):
                 first = i == 0
@@ -141,4 +151,5 @@ class SequentialRound:
                     finals = out
                 else:
                     carry = out
-        return self._finish(state, finals, train.n)
+        weights = train.n if budget is None else budget_weights(train.n, jnp.asarray(budget))
+        return self._finish(state, finals, weights)
