@@ -96,6 +96,22 @@ def normalize(
     return x
 
 
+def max_pool_2x2(x: Array) -> Array:
+    """2x2 max pooling, stride 2, ``SAME`` padding (odd sides padded with -inf at the end):
+    exactly ``nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")`` going forward.
+
+    Written as a reshape and a max over the window axes because XLA:CPU runs the gradient of
+    ``reduce_window`` (select-and-scatter) slowly: this halved a 28x28 SeedCNN train step
+    (``docs/execution.md``). The gradient goes to the window's maximum (split evenly between
+    exact ties, where select-and-scatter picks one; after a ReLU, tied zeros get no gradient
+    either way)."""
+    b, h, w, c = x.shape
+    ph, pw = h % 2, w % 2
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=-jnp.inf)
+    return x.reshape(b, (h + ph) // 2, 2, (w + pw) // 2, 2, c).max(axis=(2, 4))
+
+
 def standardize_kernel(kernel: Array, eps: float = 1e-5) -> Array:
     """A conv kernel ``[H, W, in, out]`` with zero mean and unit variance per output channel
     (over ``H, W, in``): weight standardization (Qiao et al. 2019)."""
@@ -172,7 +188,7 @@ class ConvBNReLU(nn.Module):
         )
         x = nn.relu(x)
         if self.pool:
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = max_pool_2x2(x)
         return x
 
 
