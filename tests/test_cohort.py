@@ -112,6 +112,22 @@ def test_host_placement_equals_device_placement_bitwise() -> None:
     assert auto.placement == "device"  # a few KiB fit any device's budget
 
 
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_donated_state_gives_the_same_rounds_and_consumes_its_input(placement) -> None:
+    alg = algorithm()
+    inner = make_round(alg, executor="sequential", batch_size=B)
+    pure = CohortRound(inner, cohort_size=3, sampler="uniform", state_placement=placement)
+    donated = CohortRound(
+        inner, cohort_size=3, sampler="uniform", state_placement=placement, donate_state=True
+    )
+    want, _ = rounds(pure, init(alg), DATA, 3)
+    start = jax.tree.map(np.asarray, init(alg)) if placement == "host" else init(alg)
+    got, _ = rounds(donated, start, DATA, 3)
+    assert_trees_equal(jax.device_get(got), jax.device_get(want))
+    if placement == "device":  # the rows were written into the donated buffers
+        assert any(leaf.is_deleted() for leaf in jax.tree.leaves(start.clients))
+
+
 def test_vmap_cohorts_match_sequential_with_bucketed_plans() -> None:
     alg = algorithm()
     out = []

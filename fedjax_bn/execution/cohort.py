@@ -111,6 +111,7 @@ class CohortRound:
         cohort_size: int,
         sampler: str | Sampler,
         state_placement: store.Placement,
+        donate_state: bool = False,
     ) -> None:
         if cohort_size < 1:
             raise ValueError(f"cohort_size must be >= 1, got {cohort_size}.")
@@ -119,6 +120,7 @@ class CohortRound:
         store.check_placement(state_placement)
         self.inner, self.cohort_size, self.sampler = inner, cohort_size, sampler
         self.requested_placement = state_placement
+        self.donate_state = donate_state
         self.placement: str | None = None if state_placement == "auto" else state_placement
         self.buckets: set[tuple[int, int]] = set()
         self._sizes: tuple[tuple[int, ...], np.ndarray, Sampler] | None = None
@@ -167,7 +169,7 @@ class CohortRound:
         run_key = jax.random.fold_in(key, EXECUTOR_STREAM)
         budget = cohort_budget(self.inner.draw_budget(key, state.round, num), ids)
         new, result = impl(sub, cohort, run_key, plan_sizes(sizes, hi, exact), None, budget)
-        population = store.scatter(population, ids, new.clients, num)
+        population = store.scatter(population, ids, new.clients, num, in_place=self.donate_state)
         out = CohortResult(*result, jnp.asarray(ids, jnp.int32))
         return FedState(new.server, population, new.round), out
 

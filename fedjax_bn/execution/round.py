@@ -295,6 +295,7 @@ def make_round(
     sampler: str | Sampler = "uniform",
     state_placement: Placement = "auto",
     budget: Budget | Sequence[int] | np.ndarray | None = None,
+    donate_state: bool = False,
 ) -> Round | CohortRound:
     """A round function ``(state, train_arrays, key) -> (state, RoundResult)``.
 
@@ -309,6 +310,9 @@ def make_round(
     every client, every round. ``sampler``: ``"uniform"``, ``"by_size"`` or a
     :data:`~fedjax_bn.sampling.Sampler`; ``state_placement``: the population's client state
     on the ``"device"``, the ``"host"`` (numpy) or ``"auto"`` (``execution/store.py``).
+    ``donate_state``: a cohort round writes the cohort's rows into the population's client
+    state in place (O(K) a round instead of a copy of all N rows), so the state passed in must
+    not be used again: ``state, result = round_fn(state, ...)`` as a training loop does.
 
     ``budget``: stragglers, each client's most local steps per round (``fedjax_bn.budgets``):
     None (no limit), one int per client (fixed; with ``cohort_size`` one per population id) or
@@ -331,8 +335,10 @@ def make_round(
     if loop is not None:
         check_loop(loop)
     check_placement(state_placement)
-    if cohort_size is None and (sampler != "uniform" or state_placement != "auto"):
-        raise ValueError("sampler and state_placement apply to cohort rounds: set cohort_size.")
+    if cohort_size is None and (sampler != "uniform" or state_placement != "auto" or donate_state):
+        raise ValueError(
+            "sampler, state_placement and donate_state apply to cohort rounds: set cohort_size."
+        )
     rnd = Round(
         alg,
         executor,
@@ -348,5 +354,9 @@ def make_round(
     if cohort_size is None:
         return rnd
     return CohortRound(
-        rnd, cohort_size=cohort_size, sampler=sampler, state_placement=state_placement
+        rnd,
+        cohort_size=cohort_size,
+        sampler=sampler,
+        state_placement=state_placement,
+        donate_state=donate_state,
     )
