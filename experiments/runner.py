@@ -96,6 +96,8 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("availability", float, 0, strict=True, high=1),
     Bound("held_out", int, 0),
     Bound("eval_clients", int, 0, note=" (0: every client)"),
+    Bound("budget_min_steps", int, 0),
+    Bound("budget_max_steps", int, 0, note=" (0: no budget)"),
     Bound("keep_checkpoints", int, 1),
     Bound("mu", float, 0),  # even when no prox algorithm is selected
     Bound("clip_norm", float, 0, note=" (0: no clipping)"),
@@ -201,6 +203,13 @@ def validate(config: Config) -> Config:
     if config.sampler not in SAMPLERS:
         valid = ", ".join(SAMPLERS)
         raise ConfigError(f"Unknown config.sampler {config.sampler!r}; valid: {valid}.")
+    if config.budget_max_steps and config.budget_min_steps > config.budget_max_steps:
+        raise ConfigError(
+            f"config.budget_min_steps ({config.budget_min_steps}) exceeds "
+            f"config.budget_max_steps ({config.budget_max_steps})."
+        )
+    if config.budget_min_steps and not config.budget_max_steps:
+        raise ConfigError("config.budget_min_steps needs config.budget_max_steps >= it.")
     if config.sampler != "uniform" and not config.cohort_size:
         raise ConfigError(f"config.sampler={config.sampler!r} needs config.cohort_size >= 1.")
     model = registry.build_model(config, num_classes=10)
@@ -309,6 +318,13 @@ def cohort_sampler(config: Config, num_clients: int) -> Any:
     return functools.partial(fb.sampling.available, probabilities=probabilities)
 
 
+def step_budget(config: Config) -> fb.budgets.Budget | None:
+    """Stragglers: each client's local steps drawn per round uniformly from
+    ``[config.budget_min_steps, config.budget_max_steps]``; None when both are 0."""
+    low, high = config.budget_min_steps, config.budget_max_steps
+    return fb.budgets.uniform_steps(low, high) if high else None
+
+
 def train_run(
     config: Config,
     data: FederatedData,
@@ -335,6 +351,8 @@ def train_run(
         local_epochs=config.local_epochs,
         cohort_size=config.cohort_size or None,
         sampler=cohort_sampler(config, data.num_clients),
+        budget=step_budget(config),
+        donate_state=bool(config.cohort_size),  # O(K) state writes a round, not O(N)
     )
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
     x_probe, mask_probe = monitor.probe_batches(data.train, config.monitor.probe_size)
@@ -439,7 +457,10 @@ def train_run(
             )
     except KeyboardInterrupt:
         if rows and saved < rows[-1]["round"]:  # the last finished round, for --resume
-            ckpt.save(rows[-1]["round"], state, key, history_offset=writer.offset())
+            try:
+                ckpt.save(rows[-1]["round"], state, key, history_offset=writer.offset())
+            except RuntimeError:  # its buffers were donated to the interrupted cohort round
+                print(f"note: --resume continues from the checkpoint of round {saved}.")
         raise
     finally:
         bar.close()

@@ -98,7 +98,8 @@ def test_a_newcomer_gets_the_global_model_or_under_fedbn_the_mean_local_bn() -> 
 def test_population_run_reports_seen_unseen_and_held_out_clients(tmp_path) -> None:
     out = tmp_path / "out"
     extra = ("--config.data.num_clients=8", "--config.held_out=2", "--config.cohort_size=2",
-             "--config.adapt_bn=True", "--config.eval_clients=3")  # fmt: skip
+             "--config.adapt_bn=True", "--config.eval_clients=3",
+             "--config.budget_min_steps=1", "--config.budget_max_steps=2")  # fmt: skip
     assert run.main(tiny_argv(out, *extra, algorithms="fedbn")) == 0
     rows = report.read_history(report.history_path(out, "digits_feature_shift", "fedbn", 0))
     first, last = rows[0], rows[-1]
@@ -119,6 +120,8 @@ def test_population_run_reports_seen_unseen_and_held_out_clients(tmp_path) -> No
         (("--config.sampler=fancy",), "Unknown config.sampler 'fancy'"),
         (("--config.sampler=by_size",), "needs config.cohort_size"),
         (("--config.availability=0",), "config.availability"),
+        (("--config.budget_min_steps=3", "--config.budget_max_steps=2"), "exceeds"),
+        (("--config.budget_min_steps=1",), "needs config.budget_max_steps"),
     ],
 )
 def test_bad_population_options_are_one_clear_error(extra, message, tmp_path, capsys) -> None:

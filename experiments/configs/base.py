@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.held_out = 0  # the partition's last this many clients never train; evaluated as newcomers
     c.eval_clients = 0  # clients evaluated at intermediate evaluations (a sample); 0: all
     c.adapt_bn = False  # also evaluate never-trained and held-out clients after AdaBN
+    c.budget_min_steps = 0  # stragglers: local steps drawn per client and round from
+    c.budget_max_steps = 0  # [budget_min_steps, budget_max_steps]; 0: no budget
     c.checkpoint_every = 5  # save the run state (orbax) every this many rounds, and at the end
     c.keep_checkpoints = 2  # how many of a run's latest checkpoints are kept
     c.progress = True  # tqdm bar per run
