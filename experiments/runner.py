@@ -318,6 +318,19 @@ def cohort_sampler(config: Config, num_clients: int) -> Any:
     return functools.partial(fb.sampling.available, probabilities=probabilities)
 
 
+def monitor_view(
+    state: Any, x_probe: Any, mask_probe: Any, ids: np.ndarray, config: Config
+) -> tuple[Any, Any, Any]:
+    """What the BN monitor compares: every client, or in a cohort run the round's cohort only
+    (its divergences are pairwise, O(K^2) instead of O(N^2); an empty slot repeats the last
+    client, keeping the shape, and so the compiled monitor, fixed)."""
+    if not config.cohort_size:
+        return state, x_probe, mask_probe
+    rows = np.minimum(ids, len(x_probe) - 1)
+    clients = jax.device_put(jax.tree.map(lambda a: a[rows], state.clients))
+    return state._replace(clients=clients), x_probe[rows], mask_probe[rows]
+
+
 def step_budget(config: Config) -> fb.budgets.Budget | None:
     """Stragglers: each client's local steps drawn per round uniformly from
     ``[config.budget_min_steps, config.budget_max_steps]``; None when both are 0."""
@@ -395,8 +408,8 @@ def train_run(
             seconds = time.perf_counter() - t0
             # The clients' post-round statistics, when the round returns them (see monitor.py).
             client_stats = getattr(result, "batch_stats", None)
-            div = measure(state, x_probe, mask_probe, client_stats)
             ids = np.asarray(getattr(result, "clients", np.arange(len(result.loss))))
+            div = measure(*monitor_view(state, x_probe, mask_probe, ids, config), client_stats)
             quarantined = [int(ids[c]) for c in np.flatnonzero(np.asarray(result.quarantined))]
             if quarantined:
                 print(

@@ -127,3 +127,11 @@ def test_population_run_reports_seen_unseen_and_held_out_clients(tmp_path) -> No
 def test_bad_population_options_are_one_clear_error(extra, message, tmp_path, capsys) -> None:
     assert run.main(tiny_argv(tmp_path / "out", *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_population_larger_than_the_test_set_leaves_some_clients_without_test_data() -> None:
+    data = fb.data.digits_feature_shift(400, seed=0)  # 360 test images for 400 clients
+    test_n, train_n = np.asarray(data.test.n), np.asarray(data.train.n)
+    assert test_n.min() == 0 and test_n.sum() == 360 and train_n.min() >= 1
+    with pytest.raises(ValueError, match="more clients than examples"):
+        fb.data.digits_feature_shift(2000, seed=0)  # 1,437 train images

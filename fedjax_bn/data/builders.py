@@ -35,7 +35,7 @@ def iid(
         iid_partition(len(y_train), num_clients, seed=seed),
         x_test,
         y_test,
-        iid_partition(len(y_test), num_clients, seed=seed + 1),
+        iid_partition(len(y_test), num_clients, seed=seed + 1, allow_empty=True),
         num_classes=num_classes,
     )
 
@@ -128,7 +128,7 @@ def feature_shift(
         iid_partition(len(y_train), num_clients, seed=seed),
         x_test,
         y_test,
-        iid_partition(len(y_test), num_clients, seed=seed + 1),
+        iid_partition(len(y_test), num_clients, seed=seed + 1, allow_empty=True),
         num_classes=num_classes,
         transforms=transforms,
         domains=names,

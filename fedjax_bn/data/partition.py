@@ -8,14 +8,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def iid_partition(num_examples: int, num_clients: int, *, seed: int) -> list[np.ndarray]:
+def iid_partition(
+    num_examples: int, num_clients: int, *, seed: int, allow_empty: bool = False
+) -> list[np.ndarray]:
     """Shuffles ``range(num_examples)`` and splits it into ``num_clients`` near-equal parts.
 
-    Each part is a sorted int64 index array; sizes differ by at most one.
+    Each part is a sorted int64 index array; sizes differ by at most one. More clients than
+    examples is an error unless ``allow_empty`` (test sets of large populations: some clients
+    then hold no test example).
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}.")
-    if num_clients > num_examples:
+    if num_clients > num_examples and not allow_empty:
         raise ValueError(
             f"more clients than examples: num_clients={num_clients} > "
             f"num_examples={num_examples}; use fewer clients."
