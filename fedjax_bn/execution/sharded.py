@@ -15,9 +15,13 @@ devices. Several hosts (one process per host):
    global after initialization);
 3. give each process only its clients' data and assemble global arrays with
    ``jax.make_array_from_process_local_data(client_sharding(mesh), local_block)`` (the client
-   axis is split over processes in device order); replicate the server state with
-   :func:`replicated`;
+   axis is split over processes in device order), but keep the clients' sizes ``train.n`` and
+   labels ``train.y`` whole on every process (a round reads them on the host); replicate the
+   server state with :func:`replicated`;
 4. call the same round function in every process, in the same order, with the same key.
+
+``experiments/multihost.py`` does all of this; ``tests/test_multihost.py`` runs it as two
+processes on one machine and checks them against one process.
 """
 
 from __future__ import annotations
