@@ -323,6 +323,7 @@ def bench_population_case(
             batch_size=batch,
             cohort_size=cohort,
             state_placement=placement,
+            donate_state=True,  # O(K) writes a round (the training-loop contract)
         )
     gc.collect()
     rss0, live0 = host_rss_bytes(), live_device_bytes()
