@@ -10,11 +10,9 @@ once from the clients' sizes (``plan.schedule``) and dispatches jitted calls tha
   so are the steps past its budget (``fedjax_bn.budgets``: its schedule is cut short).
 - Full batches run with no mask at all, so a step costs what a plain jitted train step costs;
   only a client's last, partial batch per epoch is masked.
-- A client is opened (``client_init``), stepped, and closed (``client_final``, its outputs
-  written in place into a donated, stacked buffer) by three kinds of jitted calls; only the
-  step calls hold the model's train step, one program for full and one for masked steps, so
-  a run compiles the train step twice whatever the clients' sizes; compile time and memory do
-  not grow with the cohort.
+- A client's ``client_init`` is fused into its first call, and its last call runs
+  ``client_final`` and writes the outputs in place into a donated, stacked buffer: compile
+  time and memory do not grow with the cohort.
 - Data and batch indices stay on device; the only host data is the clients' sizes (cached).
 - Every jitted function is built once, in the constructor, so rounds never re-trace.
 - One step per call by default: on XLA:CPU a jit of 5 unrolled steps measured ~17% slower
@@ -70,14 +68,14 @@ class SequentialRound:
             finals = start(state.clients)
             return idx_CSB, mask_CSB, finals
 
-        def open_client(state: FedState, c: Array) -> Any:
-            """Client ``c``'s starting carry: the server state and its own client state."""
-            return alg.client_init(state.server, take_client(state.clients, c))
-
-        def steps(
+        def call(
             num: int,
             masked: bool,
+            first: bool,
+            last: bool,
+            state: FedState | None,
             carry: Any,
+            finals: Outputs | None,
             x_CN: Array,
             y_CN: Array,
             idx_CSB: Array,
@@ -85,16 +83,17 @@ class SequentialRound:
             c: Array,
             s: Array,
         ) -> Any:
-            """``num`` steps of client ``c`` from step ``s``: the only programs with the
-            model's train step in them (one per ``(num, masked)``), shared by every client."""
+            """``num`` steps of client ``c`` from step ``s``. The ``first`` call starts the
+            client from the state; the ``last`` writes its outputs into the donated ``finals``."""
+            if first:
+                carry = alg.client_init(state.server, take_client(state.clients, c))
             idx_SB = jax.lax.dynamic_slice_in_dim(idx_CSB[c], s, num)
             mask_SB = jax.lax.dynamic_slice_in_dim(mask_CSB[c], s, num)
-            return local_steps(
+            carry = local_steps(
                 alg.client_step, carry, x_CN[c], y_CN[c], idx_SB, mask_SB, full=0 if masked else num
             )
-
-        def close_client(finals: Outputs, carry: Any, c: Array) -> Outputs:
-            """Write client ``c``'s outputs into the donated, stacked ``finals`` (in place)."""
+            if not last:
+                return carry
             return put_client(finals, c, alg.client_final(carry))
 
         def finish(state: FedState, finals: Outputs, n_C: Array) -> tuple[FedState, RoundResult]:
@@ -102,16 +101,9 @@ class SequentialRound:
             return FedState(server, clients, state.round + 1), RoundResult(*finals[2], bad)
 
         # Built once: rounds never re-trace. ``finals`` is donated, so writing a client's
-        # outputs into it is in place, and compile cost does not grow with the cohort. Opening
-        # and closing a client are programs of their own (no convolution in them), so only two
-        # programs hold the train step (full and masked steps) instead of one per combination
-        # with opening/closing: measured 18 -> 16 programs and ~X s less compile for a run.
+        # outputs into it is in place, and compile cost does not grow with the cohort.
         self._begin = jax.jit(begin, static_argnums=3)
-        self._open = jax.jit(open_client)
-        # The carry is not donated: jit forwards unchanged inputs, so an opened client's carry
-        # may hold the server state's own buffers.
-        self._steps = jax.jit(steps, static_argnums=(0, 1))
-        self._close = jax.jit(close_client)
+        self._call = jax.jit(call, static_argnums=(0, 1, 2, 3), donate_argnums=6)
         # Not donated: the stacked outputs share no shape with the new state's leaves, so XLA
         # could reuse few of them (jax warns "Some donated buffers were not usable").
         self._finish = jax.jit(finish)
@@ -140,11 +132,24 @@ class SequentialRound:
         data = (train.x, train.y, idx_CSB, mask_CSB)
         steps = None if budget is None else tuple(int(b) for b in budget)
         for c, calls in enumerate(self._schedule(sizes, n_max, steps)):
-            if not calls:
-                continue  # no data this round: keeps the outputs ``begin`` gave it
-            carry = self._open(state, c)
-            for s, num, masked in calls:
-                carry = self._steps(num, masked, carry, *data, c, s)
-            finals = self._close(finals, carry, c)
+            carry, last = None, len(calls) - 1
+            for i, (s, num, masked) in enumerate(calls):
+                first = i == 0
+                out = self._call(
+                    num,
+                    masked,
+                    first,
+                    i == last,
+                    state if first else None,
+                    carry,
+                    finals if i == last else None,
+                    *data,
+                    c,
+                    s,
+                )
+                if i == last:
+                    finals = out
+                else:
+                    carry = out
         weights = train.n if budget is None else budget_weights(train.n, jnp.asarray(budget))
         return self._finish(state, finals, weights)
