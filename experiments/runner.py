@@ -31,7 +31,7 @@ from fedjax_bn.checkpoint import Checkpointer
 from fedjax_bn.data import FederatedData
 from fedjax_bn.recalibrate import recalibrate_bn
 
-SAMPLERS = ("uniform", "by_size", "available")
+SAMPLERS = (*fb.sampling.SAMPLERS, "available")  # by name; available binds config.availability
 
 Config = ml_collections.ConfigDict
 ConfigError = registry.ConfigError
