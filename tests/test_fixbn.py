@@ -27,6 +27,7 @@ from conftest import (
 
 import fedjax_bn as fb
 from fedjax_bn.algorithms import Algorithm, ClientState, FedState, ServerState
+from fedjax_bn.algorithms.base import stage_at
 
 C, N_MAX, B = 2, 8, 8
 SIZES = (5, 8)
@@ -138,18 +139,49 @@ def test_fixed_round_is_eval_mode_training_with_kept_momentum() -> None:
     assert_trees_close(ref.server.pooled, srv.pooled, rtol=1e-5, atol=1e-6)
 
 
-def test_no_retrace_across_the_switch() -> None:
-    """The first round traces both BN modes (``lax.cond``); the switch re-traces nothing."""
-    state = run("fixbn1", start("fixbn1"), range(1))
-    traces = TRACES.copy()
-    assert traces[True] > 0 and traces[False] > 0
-    state = run("fixbn1", state, range(1, 3))  # both in the fixed phase
-    assert traces == TRACES
+def test_each_phase_compiles_one_bn_mode_once() -> None:
+    """The phases are stages: round 0 traces train-mode BN only, the switch round eval-mode BN
+    only (no ``lax.cond`` holding both), and later rounds re-trace nothing."""
+    alg = fb.fixbn(MODEL, TX, fix_round=1)  # its own functions: nothing traced yet
+    rnd = fb.make_round(alg, executor="sequential", batch_size=B)
+    state = alg.init(jax.random.key(0), SAMPLE_X, C)
+    rnd.sizes(make_clients(0, SIZES, n_max=N_MAX))  # the label check's shape-only trace
+    traces = [TRACES.copy()]
+    for r in range(3):
+        state, _ = rnd(state, make_clients(100 + r, SIZES, n_max=N_MAX), jax.random.key(r))
+        traces.append(TRACES.copy())
+    new = [after - before for before, after in zip(traces, traces[1:], strict=False)]
+    assert new[0][True] > 0 and new[0][False] == 0, new
+    assert new[1][False] > 0 and new[1][True] == 0, new
+    assert not new[2], new
     assert int(state.server.round) == 3
 
 
+def test_stages_equal_the_single_program_with_the_cond() -> None:
+    """The staged run (the executors' host-side switch) equals the algorithm's own functions
+    (one program, ``lax.cond`` on the server's round) across the switch, momentum included."""
+    staged = algorithm("fixbn1")
+    single = staged._replace(stages=())
+    rnd = fb.make_round(single, executor="sequential", batch_size=B)
+    state = single.init(jax.random.key(0), SAMPLE_X, C)
+    for r in range(3):
+        state, _ = rnd(state, make_clients(100 + r, SIZES, n_max=N_MAX), jax.random.key(r))
+    ref = run("fixbn1", start("fixbn1"), range(3))
+    assert_trees_close(state, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("round_", "index"), [(0, 0), (1, 0), (2, 1), (7, 1)])
+def test_stage_at_picks_the_last_stage_started(round_: int, index: int) -> None:
+    alg = algorithm("fixbn2")
+    assert [first for first, _ in alg.stages] == [0, 2]
+    got, stage = stage_at(alg, jnp.asarray(round_))
+    assert got == index and stage is alg.stages[index][1]
+    assert stage_at(stage, round_) == (0, stage)  # a stage has no stages of its own
+    assert [first for first, _ in fb.fixbn(MODEL, TX, fix_round=0).stages] == [0]
+
+
 def test_vmap_executor_agrees_across_the_switch() -> None:
-    """The traced flag stays a cond under vmap and scan: vmap and sequential agree."""
+    """The vmapped executor runs the same stages: vmap and sequential agree."""
     seq = run("fixbn1", start("fixbn1"), range(2))
     vm = run("fixbn1", start("fixbn1"), range(2), executor="vmap")
     assert_trees_close(model_of(vm), model_of(seq), rtol=1e-5, atol=1e-6)

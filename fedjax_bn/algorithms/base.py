@@ -16,6 +16,13 @@ Executors (``fedjax_bn.execution``) own how clients run and call only these func
 ``server_update(server, messages, weights_C) -> server``
     folds the stacked messages (every leaf ``[C, ...]``) back, weighted by ``weights_C``.
 
+``stages`` (optional): ``((first_round, algorithm), ...)`` for an algorithm whose local step
+changes at rounds known in advance (FixBN). The executors run round ``r`` with the functions
+of the last stage whose ``first_round <= r`` (:func:`stage_at`), each stage compiled once, so
+the switch is a host-side choice between programs instead of a ``lax.cond`` in every step.
+Every stage has the same state layout; the algorithm's own functions stay valid for callers
+that drive them directly.
+
 The state is ``FedState(server, clients, round)``: ``server`` is replicated; every leaf of
 ``clients`` has a leading client axis. Executors gather, run, scatter, place and shard
 ``clients`` by that layout, never by field names. An algorithm's server and client states are
@@ -59,6 +66,17 @@ class Algorithm(NamedTuple):
     client_final: Callable[[Any], tuple[Any, Any, ClientMetrics]]
     server_update: Callable[[Any, Any, Array], Any]
     local: Any = None  # the LocalTraining spec where the algorithm has one (models, tests)
+    stages: tuple[tuple[int, Any], ...] = ()  # ((first_round, Algorithm), ...), see above
+
+
+def stage_at(alg: Algorithm, round_: Any) -> tuple[int, Algorithm]:
+    """``(index, algorithm)`` of the stage that runs round ``round_``: ``(0, alg)`` without
+    stages (the round is not read), else the last stage starting at or before it."""
+    if not alg.stages:
+        return 0, alg
+    r = int(jax.device_get(round_))
+    index = max((i for i, (first, _) in enumerate(alg.stages) if first <= r), default=0)
+    return index, alg.stages[index][1]
 
 
 def init_variables(model: nn.Module, rng_or_variables: Any, sample_x: Array) -> Variables:

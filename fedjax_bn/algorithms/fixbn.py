@@ -32,10 +32,12 @@ FedAvg family's ``persist_client_optimizer``. ``keep_momentum`` says when:
 - ``"always"``: kept in every round (phase 1 is FedAvg with ``persist_client_optimizer``);
 - ``"never"``: fresh every round (FixBN's statistics rule alone, as an ablation).
 
-The BN-mode switch inside the jitted step is a ``jax.lax.cond`` on a traced flag carried by the
-client's carry, so a round compiles once for both phases and never re-traces at the switch.
-The flag comes from the replicated server state, so under the vmapped executors it stays
-unbatched and the cond runs one branch, not both.
+The two phases are two *stages* of the algorithm (``Algorithm.stages``): the executors pick the
+stage by the round on the host and compile each stage's step once, so a local step is a plain
+train step of one BN mode (a ``lax.cond`` between the modes in every step ran 4-6x slower on
+XLA:CPU, which runs convolutions inside control flow slowly). The algorithm's own functions,
+for callers that drive them directly, choose the phase from the server's round counter with
+that ``lax.cond`` and give the same results.
 """
 
 from __future__ import annotations
@@ -109,8 +111,26 @@ def fixbn(
     base = make_algorithm(
         model, client_tx, policy="fedavg", persist_client_optimizer=persist, name=name, **kw
     )
+
+    def phase(fixed: bool | None) -> Algorithm:
+        """The functions of one phase (``fixed`` static), or of both (None: from the round)."""
+        return _fixbn_functions(base, fix_round, keep_momentum, fixed)
+
+    explore, calibrate = phase(False), phase(True)
+    stages = ((0, calibrate),) if fix_round == 0 else ((0, explore), (fix_round, calibrate))
+    return phase(None)._replace(stages=stages)
+
+
+def _fixbn_functions(
+    base: Algorithm, fix_round: int, keep_momentum: KeepMomentum, fixed: bool | None
+) -> Algorithm:
+    """FixBN's functions around FedAvg's ``base``: for one phase when ``fixed`` is a bool (the
+    stages the executors run), or choosing the phase from the server's round when None."""
     train_spec = base.local
     eval_spec = dataclasses.replace(train_spec, bn_train=False)
+
+    def is_fixed(server: FixBNServer) -> Array | bool:
+        return server.round >= fix_round if fixed is None else fixed
 
     def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
         state = base.init(rng_or_variables, sample_x, num_clients)
@@ -118,21 +138,24 @@ def fixbn(
         return FedState(server, state.clients, state.round)
 
     def client_init(server: FixBNServer, client: ClientState) -> FixBNCarry:
-        fixed = server.round >= fix_round
+        flag = is_fixed(server)
         base_server = ServerState(server.shared, server.pooled, server.opt_state)
-        if keep_momentum == "after_fix":
+        if keep_momentum == "after_fix" and flag is not True:
             fresh = base.client_init(base_server, client._replace(opt_state=None))
-            opt = _select(fixed, client.opt_state, fresh.local.opt_state)
+            opt = _select(flag, client.opt_state, fresh.local.opt_state)
             carry = fresh._replace(local=fresh.local._replace(opt_state=opt))
         else:
             carry = base.client_init(base_server, client)
-        return FixBNCarry(carry, fixed)
+        return FixBNCarry(carry, jnp.asarray(flag))
 
     def client_step(carry: FixBNCarry, batch: Batch) -> FixBNCarry:
         def step(spec: client_lib.LocalTraining) -> client_lib.LocalState:
             return client_lib.train_step(spec, carry.base.anchor, carry.base.local, *batch)
 
-        local = jax.lax.cond(carry.fixed, lambda: step(eval_spec), lambda: step(train_spec))
+        if fixed is None:
+            local = jax.lax.cond(carry.fixed, lambda: step(eval_spec), lambda: step(train_spec))
+        else:
+            local = step(eval_spec if fixed else train_spec)
         return carry._replace(base=carry.base._replace(local=local))
 
     def client_final(carry: FixBNCarry) -> tuple[Message, ClientState, ClientMetrics]:
@@ -142,13 +165,13 @@ def fixbn(
         new = base.server_update(
             ServerState(server.shared, server.pooled, server.opt_state), messages, weights_C
         )
-        pooled = _select(server.round >= fix_round, server.pooled, new.pooled)
+        pooled = _select(is_fixed(server), server.pooled, new.pooled)
         return FixBNServer(new.shared, pooled, new.opt_state, server.round + 1)
 
     return Algorithm(
-        name,
+        base.name,
         base.policy,
-        model,
+        base.model,
         init,
         client_init,
         client_step,

@@ -163,7 +163,7 @@ class CohortRound:
         self.buckets.add((hi, lo))
         cohort = store.gather_data(train, ids, hi)
         clients = store.gather(population, ids, num)
-        impl = self.inner.executor_for(cohort)
+        impl = self.inner.executor_for(cohort, state.round)
         exact = isinstance(impl, SequentialRound) or self.inner.options["num_groups"] > 1
         sub = FedState(state.server, clients, state.round)
         run_key = jax.random.fold_in(key, EXECUTOR_STREAM)

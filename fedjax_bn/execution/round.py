@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fedjax_bn import budgets
-from fedjax_bn.algorithms.base import Algorithm, FedState
+from fedjax_bn.algorithms.base import Algorithm, FedState, stage_at
 from fedjax_bn.budgets import Budget
 from fedjax_bn.data import ClientArrays, check_client_labels
 from fedjax_bn.execution.batches import steps_per_epoch
@@ -212,7 +212,7 @@ class Round:
         self.executor: str | None = None if executor == "auto" else executor
         self._sizes_of: Array | None = None
         self._sizes: tuple[int, ...] = ()
-        self._impl: Executor | None = None
+        self._impls: dict[int, Executor] = {}  # one per stage of the algorithm
         self._num_outputs: dict[Any, int] = {}
 
     def sizes(self, train: ClientArrays) -> tuple[int, ...]:
@@ -231,17 +231,19 @@ class Round:
             self._sizes, self._sizes_of = sizes, train.n
         return self._sizes
 
-    def _resolve(self, train: ClientArrays) -> Executor:
-        if self._impl is None:
-            if self.executor is None:
-                self.executor = choose_executor(int(train.n.shape[0]))
-                logger.info("auto executor: %s on %s", self.executor, jax.default_backend())
-            self._impl = build_executor(self.executor, self.alg, **self.options)
-        return self._impl
+    def _resolve(self, train: ClientArrays, round_: Any = 0) -> Executor:
+        if self.executor is None:
+            self.executor = choose_executor(int(train.n.shape[0]))
+            logger.info("auto executor: %s on %s", self.executor, jax.default_backend())
+        index, alg = stage_at(self.alg, round_)
+        if index not in self._impls:
+            self._impls[index] = build_executor(self.executor, alg, **self.options)
+        return self._impls[index]
 
-    def executor_for(self, train: ClientArrays) -> Executor:
-        """The executor that runs rounds on ``train`` (``auto`` resolved by its cohort size)."""
-        return self._resolve(train)
+    def executor_for(self, train: ClientArrays, round_: Any = 0) -> Executor:
+        """The executor that runs round ``round_`` on ``train`` (``auto`` resolved by its
+        cohort size; the algorithm's stage by the round)."""
+        return self._resolve(train, round_)
 
     def padded_fraction(self, train: ClientArrays) -> float:
         """Share of executed client-steps that are masked no-ops (0 for ``sequential``)."""
@@ -266,7 +268,7 @@ class Round:
                     "fedjax_bn.execution.batches_from_order(orders, n_max, batch_size)."
                 )
         budget = self.draw_budget(key, state.round, len(sizes))
-        return self._resolve(train)(state, train, key, sizes, batches, budget)
+        return self._resolve(train, state.round)(state, train, key, sizes, batches, budget)
 
     def draw_budget(self, key: Array, round_: Array, num_clients: int) -> np.ndarray | None:
         """This round's host budgets for ``num_clients`` clients (None without a budget), from
