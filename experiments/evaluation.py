@@ -60,12 +60,11 @@ def held_out_metrics(
     start = new_client_variables(alg, state, population.train.n)
     plain, adapted = [], []
     for c in range(held.num_clients):
-        n_train, n_test = int(held.train.n[c]), int(held.test.n[c])
-        if n_test == 0:
+        x, y = held.test.client(c)
+        if len(y) == 0:
             continue
-        x, y = np.asarray(held.test.x[c, :n_test]), np.asarray(held.test.y[c, :n_test])
         plain.append(fb.evaluate_model(alg.model, start, x, y, batch).accuracy)
-        own = adapt_variables(alg.model, start, np.asarray(held.train.x[c, :n_train]))
+        own = adapt_variables(alg.model, start, held.train.client(c)[0])
         adapted.append(fb.evaluate_model(alg.model, own, x, y, batch).accuracy)
     if not plain:
         return {}

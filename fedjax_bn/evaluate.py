@@ -122,9 +122,9 @@ def evaluate_clients(
     for c in ids.tolist():
         variables = client_model(alg, state, c)
         if c in adapt:
-            x_train = np.asarray(data.train.x[c, : int(data.train.n[c])])
+            x_train = data.train.client(c)[0]
             variables = adapt_variables(alg.model, variables, x_train, batch_size=batch_size)
-        x, y = np.asarray(data.test.x[c, : n_C[c]]), np.asarray(data.test.y[c, : n_C[c]])
+        x, y = data.test.client(c)
         per.append(evaluate_model(alg.model, variables, x, y, batch_size))
     loss, acc, count = (np.array(v) for v in zip(*per, strict=True))
     has = count > 0

@@ -328,3 +328,29 @@ def test_gather_batch_takes_rows():
 def test_steps_per_epoch_rejects_nonpositive(n_max, batch):
     with pytest.raises(ValueError, match=">= 1"):
         steps_per_epoch(n_max, batch)
+
+
+def test_client_rows_are_the_real_examples_and_compile_per_shape_not_per_size():
+    """``ClientArrays.client(c)`` is client c's unpadded (x, y), and reading clients of many
+    distinct sizes compiles a fixed number of programs (device slicing ``x[c, :n]`` compiled
+    one per size)."""
+    rng = np.random.default_rng(0)
+    sizes = [0, 3, 5, 7, 11, 13]
+    xs = [rng.normal(size=(n, 2, 2, 1)).astype(np.float32) for n in sizes]
+    ys = [rng.integers(0, 4, n).astype(np.int32) for n in sizes]
+    arrays = stack_clients(xs, ys)
+    compiles = []
+
+    def listener(event: str, duration: float, **kw) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for c, (x, y) in enumerate(zip(xs, ys, strict=True)):
+            got_x, got_y = arrays.client(c)
+            np.testing.assert_array_equal(got_x, x)
+            np.testing.assert_array_equal(got_y, y)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert len(compiles) <= 4, compiles  # a row read of x and of y, each gather + squeeze

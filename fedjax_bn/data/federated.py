@@ -19,6 +19,13 @@ class ClientArrays:
     y: jax.Array  # [C, N_max] int32, zero past each client's size
     n: jax.Array  # [C] int32 true sizes
 
+    def client(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Client ``c``'s real examples ``(x, y)`` as host arrays. The row is read whole and
+        cut on the host: slicing ``x[c, :n_c]`` on a device array compiles one program per
+        distinct size ``n_c``, a row read one per array shape."""
+        n = int(np.asarray(jax.device_get(self.n))[c])
+        return np.asarray(self.x[c])[:n], np.asarray(self.y[c])[:n]
+
 
 @flax.struct.dataclass
 class FederatedData:
