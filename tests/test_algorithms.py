@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 import fedjax_bn as fb
 from fedjax_bn.algorithms import Algorithm, FedState, Message, model_parts
-from fedjax_bn.algorithms.base import client_variables
+from fedjax_bn.algorithms.base import INIT_OPT_LEVEL, client_variables, init_compiler_options
 from fedjax_bn.execution import client_update, round_batches
 from fedjax_bn.policy import partition
 from fedjax_bn.tree import flatten, repeat_clients, take_client
@@ -467,3 +467,23 @@ def test_digits_end_to_end(digits: tuple[str, Any], name: str) -> None:
     else:
         accuracy = fb.evaluate_clients(alg, state, data).mean_accuracy
     assert accuracy > E2E_THRESHOLD[setting], (setting, name, accuracy)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_init_compiled_fast_gives_the_default_compiled_variables(norm: str) -> None:
+    """The init program's cheaper CPU compile options leave the starting weights bitwise
+    those of XLA:CPU's default level (same seed, same weights as before the change)."""
+    model = fb.SeedCNN(num_classes=10, widths=(4, 8), hidden=16, norm=norm)
+    x = jnp.zeros((1, 12, 12, 3))
+    lowered = jax.jit(lambda rng, x: model.init(rng, x, train=False)).lower(jax.random.key(3), x)
+    fast = lowered.compile(compiler_options={"xla_backend_optimization_level": INIT_OPT_LEVEL})(
+        jax.random.key(3), x
+    )
+    default_level = {"xla_backend_optimization_level": 3}  # XLA:CPU's (tests run at level 0)
+    default = lowered.compile(compiler_options=default_level)(jax.random.key(3), x)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(dict(default)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not init_compiler_options("gpu")
+    assert init_compiler_options("cpu") == {} or init_compiler_options("cpu") == {
+        "xla_backend_optimization_level": INIT_OPT_LEVEL
+    }  # {} where XLA_FLAGS sets a level, as the test suite does

@@ -32,6 +32,7 @@ its own NamedTuples; those holding a model carry ``shared`` and ``pooled`` (serv
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -87,8 +88,29 @@ def init_variables(model: nn.Module, rng_or_variables: Any, sample_x: Array) -> 
         check_same_structure(dict(want), given, "given starting variables")
         return given
     # One compiled program: an eager init would compile every layer's ops one by one (~45).
-    init = jax.jit(lambda rng, x: model.init(rng, x, train=False))
+    lowered = jax.jit(lambda rng, x: model.init(rng, x, train=False)).lower(
+        rng_or_variables, sample_x
+    )
+    init = lowered.compile(compiler_options=init_compiler_options())
     return jax.tree.map(jnp.asarray, dict(init(rng_or_variables, sample_x)))
+
+
+INIT_OPT_LEVEL = 2  # XLA:CPU LLVM level of the init program (the default is 3)
+LEVEL_FLAG = "xla_backend_optimization_level"
+
+
+def init_compiler_options(backend: str | None = None) -> dict[str, Any]:
+    """XLA options for the one-off init program: on CPU, LLVM optimization level 2, not 3.
+
+    At XLA:CPU's default level 3 the init (threefry bits and initializers, unrolled per
+    parameter) took 6.8-7.9 s to compile on the 2-core machine (SeedCNN, loaded), at level 2
+    1.8-2.1 s; it runs once, a few ms either way, and its variables are bitwise those of level 3
+    (``tests/test_algorithms.py``). The train steps gain nothing from a lower level (same
+    compile seconds, and their results change), so only the init uses it. A level set in
+    ``XLA_FLAGS`` wins (the test suite compiles everything at level 0)."""
+    if (backend or jax.default_backend()) != "cpu" or LEVEL_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return {LEVEL_FLAG: INIT_OPT_LEVEL}
 
 
 def check_num_clients(num_clients: int) -> None:
