@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -70,7 +69,8 @@ def stack_clients(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> ClientA
     for c, (x, y) in enumerate(zip(xs, ys, strict=True)):
         x_out[c, : x.shape[0]] = x
         y_out[c, : y.shape[0]] = y
-    return ClientArrays(x=jnp.asarray(x_out), y=jnp.asarray(y_out), n=jnp.asarray(n))
+    # device_put, not jnp.asarray: jnp.asarray of a host array compiles a program per shape.
+    return ClientArrays(*jax.device_put((x_out, y_out, n)))
 
 
 def _check_parts(parts: Sequence[np.ndarray], num_examples: int, what: str) -> None:
