@@ -200,3 +200,18 @@ def test_vmap_executor_agrees_across_the_switch() -> None:
 def test_bad_arguments_are_refused(kw: dict[str, Any]) -> None:
     with pytest.raises((ValueError, TypeError)):
         fb.fixbn(MODEL, TX, **kw)
+
+
+def test_cohort_rounds_switch_stage_too() -> None:
+    """Sampled cohorts run the stage of the round as well: the statistics pool in round 0 and
+    stay bitwise frozen from ``fix_round`` on."""
+    alg = algorithm("fixbn1")
+    rnd = fb.make_round(alg, executor="sequential", batch_size=B, cohort_size=1)
+    states = [start("fixbn1")]
+    for r in range(3):
+        data = make_clients(100 + r, SIZES, n_max=N_MAX)
+        states.append(rnd(states[-1], data, jax.random.key(r))[0])
+    assert differs(states[1].server.pooled, states[0].server.pooled)
+    assert_trees_equal(states[2].server.pooled, states[1].server.pooled)
+    assert_trees_equal(states[3].server.pooled, states[1].server.pooled)
+    assert differs(states[3].server.shared, states[2].server.shared)
