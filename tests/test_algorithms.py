@@ -487,3 +487,16 @@ def test_init_compiled_fast_gives_the_default_compiled_variables(norm: str) -> N
     assert init_compiler_options("cpu") == {} or init_compiler_options("cpu") == {
         "xla_backend_optimization_level": INIT_OPT_LEVEL
     }  # {} where XLA_FLAGS sets a level, as the test suite does
+
+
+def test_init_can_be_traced() -> None:
+    """``alg.init`` works under ``eval_shape`` and ``jit`` (the multi-host runner shapes the
+    state before placing it), with the init program's compile options in place."""
+    alg = fb.fedavg(fb.SeedCNN(num_classes=10, widths=(4,), hidden=8), optax.sgd(0.1))
+    x = jnp.zeros((1, 8, 8, 1))
+    shapes = jax.eval_shape(lambda key: alg.init(key, x, 2), jax.random.key(0))
+    state = jax.jit(lambda key: alg.init(key, x, 2))(jax.random.key(0))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), shapes) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), state
+    )
+    assert_trees_equal(state, alg.init(jax.random.key(0), x, 2))

@@ -88,10 +88,10 @@ def init_variables(model: nn.Module, rng_or_variables: Any, sample_x: Array) -> 
         check_same_structure(dict(want), given, "given starting variables")
         return given
     # One compiled program: an eager init would compile every layer's ops one by one (~45).
-    lowered = jax.jit(lambda rng, x: model.init(rng, x, train=False)).lower(
-        rng_or_variables, sample_x
+    # jit(compiler_options=), not lower().compile(): callers trace alg.init too (eval_shape).
+    init = jax.jit(
+        lambda rng, x: model.init(rng, x, train=False), compiler_options=init_compiler_options()
     )
-    init = lowered.compile(compiler_options=init_compiler_options())
     return jax.tree.map(jnp.asarray, dict(init(rng_or_variables, sample_x)))
 
 
