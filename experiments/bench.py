@@ -14,11 +14,13 @@ JSON plus a table:
     python -m experiments.bench --cases digits:10:5 --executors auto,vmap --repeats 10
     python -m experiments.bench --cases cifar:100:5,digits:1000:5 --executors auto,vmap,chunked
 
-A case is ``model:clients:steps[:spread]`` (models: ``digits`` 8x8x1, ``cifar`` 32x32x3, both
-SeedCNN widths (32, 64), hidden 128); a spread of 0.5 draws client sizes in [0.5, 1] x S x B, so
-lockstep executors pad. An executor is ``name[/kK][/gG][/sN][/scan|/unroll]``: ``chunked/k25``
-runs chunks of 25 clients, ``vmap/g4`` groups clients into 4 groups of similar size to cut the
-padding, ``sequential/s5`` unrolls 5 steps per jitted call, ``vmap/scan`` scans local steps.
+A case is ``model:clients:steps[:spread]`` (models: ``digits`` 8x8x1, ``fmnist`` 28x28x1,
+``cifar`` 32x32x3, all SeedCNN widths (32, 64), hidden 128); a spread of 0.5 draws client sizes
+in [0.5, 1] x S x B, so lockstep executors pad. An executor is
+``name[/kK][/gG][/sN][/tT][/scan|/unroll]``: ``chunked/k25`` runs chunks of 25 clients,
+``vmap/g4`` groups clients into 4 groups of similar size to cut the padding, ``sequential/s5``
+unrolls 5 steps per jitted call, ``sequential/t1`` runs its clients from one host thread
+(default: 2 on a CPU with 2+ cores), ``vmap/scan`` scans local steps.
 
 Population mode: a cohort of K clients of a population of N each round (``make_round(...,
 cohort_size=K, state_placement=...)``), N digits clients of ``--client-examples`` images, the
@@ -55,7 +57,7 @@ from fedjax_bn.data import ClientArrays, stack_clients
 from fedjax_bn.execution import choose_executor, make_round
 
 DEFAULT_OUT = "results/bench.json"
-SHAPES = {"digits": (8, 8, 1), "cifar": (32, 32, 3)}
+SHAPES = {"digits": (8, 8, 1), "fmnist": (28, 28, 1), "cifar": (32, 32, 3)}
 # The default matrices: case -> (executors, timed repeats). CPU: ~6 minutes on 2 cores.
 CPU_CASES = {
     "digits:10:5": ("auto,sequential,sequential/s5,vmap,vmap/scan,chunked/k5,sharded", 10),
@@ -144,9 +146,10 @@ def host_peak_mib() -> float:
 
 
 def executor_options(token: str) -> tuple[str, dict[str, Any]]:
-    """``vmap/g4/k25/scan`` -> ("vmap", {"num_groups": 4, "chunk_size": 25, "loop": "scan"})."""
+    """``vmap/g4/k25/scan`` -> ("vmap", {"num_groups": 4, "chunk_size": 25, "loop": "scan"});
+    ``sequential/s2/t1`` -> ("sequential", {"steps_per_call": 2, "client_threads": 1})."""
     name, *opts = token.split("/")
-    keys = {"g": "num_groups", "k": "chunk_size", "s": "steps_per_call"}
+    keys = {"g": "num_groups", "k": "chunk_size", "s": "steps_per_call", "t": "client_threads"}
     return name, {
         "loop" if o in ("scan", "unroll") else keys[o[0]]: o
         if o in ("scan", "unroll")

@@ -27,13 +27,22 @@ from hypothesis import strategies as st
 import fedjax_bn as fb
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution import EXECUTORS, choose_executor, make_round
-from fedjax_bn.execution.plan import client_order, make_plan, padded_fraction, real_steps, schedule
+from fedjax_bn.execution.plan import (
+    client_order,
+    dispatches,
+    lanes,
+    make_plan,
+    padded_fraction,
+    real_steps,
+    schedule,
+)
 
 SIZES = (5, 10, 3)  # different sizes and partial last batches: 2, 3 and 1 steps per epoch
 B, EPOCHS, ROUNDS = 4, 2, 3
 # (executor, options): every way to run a round; each must agree with the first.
 CONFIGS = [
-    ("sequential", {}),
+    ("sequential", {"client_threads": 1}),
+    ("sequential", {"client_threads": 3}),  # a lane per client: bitwise the one-thread round
     ("sequential", {"steps_per_call": 2}),
     ("vmap", {"loop": "unroll", "num_groups": 2}),
     ("vmap", {"loop": "scan"}),
@@ -106,6 +115,13 @@ def test_every_executor_gives_the_same_round(outcomes: list[dict[str, Any]]) -> 
             assert_trees_close(got["out"], want, rtol=1e-4, atol=1e-5)
         except AssertionError as e:
             raise AssertionError(f"{executor} {options} differs from sequential") from e
+
+
+def test_client_threads_give_bitwise_the_one_thread_round(outcomes: list[dict[str, Any]]) -> None:
+    one, three = outcomes[0]["out"], outcomes[1]["out"]
+    assert CONFIGS[1][1] == {"client_threads": 3}
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(three), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_no_executor_retraces_after_the_first_round(outcomes: list[dict[str, Any]]) -> None:
@@ -187,6 +203,7 @@ def test_make_round_rejects_bad_options() -> None:
         ({"num_groups": 0}, "num_groups"),
         ({"loop": "while"}, "local loop"),
         ({"local_epochs": 0}, "local_epochs"),
+        ({"client_threads": 0}, "client_threads"),
     ]:
         with pytest.raises(ValueError, match=match):
             make_round(alg, **kwargs)
@@ -237,3 +254,50 @@ def test_sequential_schedule_masks_only_partial_batches(n: int, batch: int, epoc
     for s, num, masked in calls:
         assert masked == ((s % spe + 1) * batch > n)  # masked exactly when the batch is partial
         assert not masked or num == 1
+
+
+@given(
+    n=st.integers(0, 40),
+    batch=st.integers(1, 8),
+    epochs=st.integers(1, 3),
+    per_call=st.integers(1, 3),
+    budget=st.one_of(st.none(), st.integers(0, 12)),
+)
+def test_sequential_dispatches_open_and_close_each_client_once_in_four_step_kinds(
+    n: int, batch: int, epochs: int, per_call: int, budget: int | None
+) -> None:
+    calls = schedule(n, 40, batch, epochs, per_call, budget)
+    out = dispatches(calls)
+    assert [(s, num, m) for s, num, m, _, _ in out if num] == [c for c in calls if c[1]]
+    if not calls:
+        assert out == []
+        return
+    assert [d[3] for d in out] == [True] + [False] * (len(out) - 1)  # opens once, first
+    assert [d[4] for d in out] == [False] * (len(out) - 1) + [True]  # closes once, last
+    for _, num, masked, first, last in out:
+        if num == 0:
+            assert not masked and first != last  # a 0-step dispatch only opens or closes
+        else:
+            assert not (first and last) and not (first and masked) and not (last and not masked)
+
+
+def test_sequential_dispatches_by_hand() -> None:
+    assert dispatches([(0, 1, False), (1, 1, False), (2, 1, True)]) == [
+        (0, 1, False, True, False), (1, 1, False, False, False), (2, 1, True, False, True)
+    ]  # fmt: skip
+    assert dispatches([(0, 1, True)]) == [(0, 0, False, True, False), (0, 1, True, False, True)]
+    assert dispatches([(0, 1, False), (1, 1, False)]) == [
+        (0, 1, False, True, False), (1, 1, False, False, False), (1, 0, False, False, True)
+    ]  # fmt: skip
+
+
+@given(costs=st.lists(st.integers(0, 20), max_size=12), k=st.integers(1, 4))
+def test_lanes_hold_every_client_with_steps_once_and_balance_them(costs: list[int], k: int) -> None:
+    groups = lanes(costs, k)
+    members = [c for g in groups for c in g]
+    assert sorted(members) == [c for c, w in enumerate(costs) if w > 0]
+    assert 1 <= len(groups) <= k and all(list(g) == sorted(g) for g in groups)
+    loads = [sum(costs[c] for c in g) for g in groups]
+    if members:  # greedy longest-first: no lane exceeds the mean by more than one client
+        assert max(loads) <= sum(loads) / k + max(costs)
+    assert lanes([3, 1, 2, 2], 2) == ((0, 1), (2, 3))

@@ -20,8 +20,10 @@ import numpy as np
 
 from fedjax_bn.execution.batches import steps_per_epoch
 
-# One sequential dispatch: (first step, number of steps, masked?).
+# One sequential call of a client's schedule: (first step, number of steps, masked?).
 Call = tuple[int, int, bool]
+# One jitted dispatch of it: (first step, steps, masked?, opens the client?, closes it?).
+Dispatch = tuple[int, int, bool, bool, bool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +179,43 @@ def truncate(calls: list[Call], budget: int) -> list[Call]:
         out.append((s, min(num, budget), masked))
         budget -= num
     return out
+
+
+def dispatches(calls: list[Call]) -> list[Dispatch]:
+    """A client's calls as the sequential executor's dispatches.
+
+    The client's opening (``client_init``) is fused into its first call only when that call
+    is full and not the last, its closing (``client_final``) into its last call only when that
+    one is masked and does not open; otherwise each runs as a 0-step dispatch of its own. So
+    whatever the sizes and budgets, the dispatches that hold a train step come in four kinds
+    (opening + full, full, masked, masked + closing) per step count, and each compiles once: a
+    one-step client, a size that is a multiple of the batch, or a budget that cuts a schedule
+    short adds at most a 0-step kind (cheap to compile, one extra dispatch for that client).
+    """
+    if not calls:
+        return []
+    out = [[s, num, masked, False, False] for s, num, masked in calls]
+    if not out[0][2] and len(out) > 1:
+        out[0][3] = True
+    else:
+        out.insert(0, [calls[0][0], 0, False, True, False])
+    if out[-1][2] and not out[-1][3]:
+        out[-1][4] = True
+    else:
+        out.append([calls[-1][0], 0, False, False, True])
+    return [(s, num, masked, first, last) for s, num, masked, first, last in out]
+
+
+def lanes(costs: Sequence[int], num_lanes: int) -> tuple[tuple[int, ...], ...]:
+    """Clients split into ``num_lanes`` lanes of similar total cost (longest first, each to the
+    least loaded lane), each lane in client order; clients of cost 0 are left out."""
+    if num_lanes < 1:
+        raise ValueError(f"num_lanes must be >= 1, got {num_lanes}.")
+    load = [0] * num_lanes
+    members: list[list[int]] = [[] for _ in range(num_lanes)]
+    for c in sorted(range(len(costs)), key=lambda c: (-costs[c], c)):
+        if costs[c] > 0:
+            k = min(range(num_lanes), key=lambda k: (load[k], k))
+            load[k] += costs[c]
+            members[k].append(c)
+    return tuple(tuple(sorted(m)) for m in members if m) or ((),)

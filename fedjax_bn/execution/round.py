@@ -154,11 +154,16 @@ def build_executor(
     num_groups: int,
     mesh: Mesh | None,
     steps_per_call: int,
+    client_threads: int | None = None,
 ) -> Executor:
     """The executor ``name`` (not ``auto``) for ``alg``, its jitted functions built once."""
     if name == "sequential":
         return SequentialRound(
-            alg, batch_size=batch_size, local_epochs=local_epochs, steps_per_call=steps_per_call
+            alg,
+            batch_size=batch_size,
+            local_epochs=local_epochs,
+            steps_per_call=steps_per_call,
+            client_threads=client_threads,
         )
     if name == "chunked" and chunk_size is None:
         chunk_size = AUTO_CHUNK_SIZE
@@ -293,6 +298,7 @@ def make_round(
     num_groups: int = 1,
     mesh: Mesh | None = None,
     steps_per_call: int = 1,
+    client_threads: int | None = None,
     cohort_size: int | None = None,
     sampler: str | Sampler = "uniform",
     state_placement: Placement = "auto",
@@ -305,7 +311,9 @@ def make_round(
     ``chunk_size``: clients per chunk for ``chunked`` (default ``AUTO_CHUNK_SIZE``);
     ``num_groups``: lockstep executors split the cohort into this many groups of similar size
     to cut padded steps; ``mesh``: devices for ``sharded`` (default: all);
-    ``steps_per_call``: full steps unrolled into one jitted call by ``sequential``.
+    ``steps_per_call``: full steps unrolled into one jitted call by ``sequential``;
+    ``client_threads``: host threads that run ``sequential``'s clients concurrently (default
+    2 on a CPU with 2+ cores, else 1; the result is bitwise the same for any number).
 
     ``cohort_size``: train a sampled cohort of this many clients of the population each round
     (a :class:`~fedjax_bn.execution.cohort.CohortRound`, returning a ``CohortResult``); None:
@@ -330,9 +338,10 @@ def make_round(
         raise ValueError(f"Unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    if num_groups < 1 or steps_per_call < 1:
+    if num_groups < 1 or steps_per_call < 1 or (client_threads is not None and client_threads < 1):
         raise ValueError(
-            f"num_groups and steps_per_call must be >= 1, got {num_groups}, {steps_per_call}."
+            "num_groups, steps_per_call and client_threads must be >= 1, got "
+            f"{num_groups}, {steps_per_call}, {client_threads}."
         )
     if loop is not None:
         check_loop(loop)
@@ -352,6 +361,7 @@ def make_round(
         num_groups=num_groups,
         mesh=mesh,
         steps_per_call=steps_per_call,
+        client_threads=client_threads,
     )
     if cohort_size is None:
         return rnd
