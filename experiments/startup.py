@@ -16,7 +16,9 @@ plain jitted train step, measured in the same process after the run), and the wh
 wall (from the parent's ``Popen`` to the end of the workload). The figure to drive down is
 ``whole / (rounds x yardstick round)``, a yardstick round being the round's real steps times
 the plain step. ``--steps`` adds the plain step at 8x8, 28x28 and 32x32 (JAX default XLA
-flags and ``--xla_cpu_use_xnnpack=true``; torch with ``--torch-python``). Results go to
+flags and ``--xla_cpu_use_xnnpack=true``; torch with ``--torch-python``), and JAX's effective
+step with two independent steps in flight from two host threads (the sequential executor's
+two client lanes: per-step time of the pair). Results go to
 ``--out`` as JSON and print as markdown tables. A benchmark, not a test: run it on a quiet
 machine and read ratios, not seconds.
 """
@@ -28,6 +30,7 @@ import time
 START = time.time()  # the child's clock starts before any heavy import
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -188,10 +191,33 @@ def step_child(batch: int, repeats: int, steps: int) -> list[dict[str, Any]]:
         y = np.zeros((1, batch), np.int32)
         train = ClientArrays(jnp.asarray(x), jnp.asarray(y), jnp.array([batch], jnp.int32))
         run = yardstick(model, model_and_tx()[1], train, batch)
-        run(5)
+        other = yardstick(model, model_and_tx()[1], train, batch)  # a second client's chain
+        run(5), other(5)
         bursts = [timed(lambda run=run: run(steps)) / steps for _ in range(repeats)]
-        rows.append({"case": name, "min_s": min(bursts), "median_s": statistics.median(bursts)})
+        pair = functools.partial(in_flight, run, other, steps)
+        pairs = [timed(pair) / 2 / steps for _ in range(repeats)]
+        rows.append(
+            {
+                "case": name,
+                "min_s": min(bursts),
+                "median_s": statistics.median(bursts),
+                "pair_min_s": min(pairs),
+            }
+        )
     return rows
+
+
+def in_flight(run: Any, other: Any, steps: int) -> Any:
+    """``steps`` steps of each of two independent chains, one on a second host thread: what
+    the sequential executor's two client lanes do (``client_threads=2``)."""
+    import threading
+
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(other(steps)))
+    thread.start()
+    mine = run(steps)
+    thread.join()
+    return mine, out
 
 
 def spawn(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, dict]:
@@ -303,6 +329,8 @@ def step_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
         env = os.environ | {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
         for r in spawn(args, env)[2]:
             rows.setdefault(r["case"], {"case": r["case"]})[label] = 1e3 * r["min_s"]
+            if not flags:
+                rows[r["case"]]["jax_2_threads_ms"] = 1e3 * r["pair_min_s"]
     if a.torch_python:
         cases = json.dumps(STEP_CASES)
         res = spawn([a.torch_python, str(TORCH_SCRIPT), "steps", "--cases", cases])[2]
@@ -312,6 +340,7 @@ def step_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
         if "torch_ms" in r:
             r["jax_over_torch"] = r["jax_ms"] / r["torch_ms"]
             r["xnnpack_over_torch"] = r["jax_xnnpack_ms"] / r["torch_ms"]
+            r["2_threads_over_torch"] = r["jax_2_threads_ms"] / r["torch_ms"]
     return list(rows.values())
 
 
@@ -359,8 +388,10 @@ def main(argv: list[str] | None = None) -> None:
         results["steps"] = step_rows(a)
         print("\nplain train step, batch 32, fastest burst of 20 (ms)\n")
         cols = [("case", "case", ""), ("jax", "jax_ms", ".2f"), ("jax+xnnpack", "jax_xnnpack_ms",
-                ".2f"), ("torch", "torch_ms", ".2f"), ("jax/torch", "jax_over_torch", ".2f"),
-                ("xnnpack/torch", "xnnpack_over_torch", ".2f")]  # fmt: skip
+                ".2f"), ("jax 2 in flight", "jax_2_threads_ms", ".2f"), ("torch", "torch_ms",
+                ".2f"), ("jax/torch", "jax_over_torch", ".2f"), ("xnnpack/torch",
+                "xnnpack_over_torch", ".2f"), ("2 in flight/torch", "2_threads_over_torch",
+                ".2f")]  # fmt: skip
         print(markdown(results["steps"], cols))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

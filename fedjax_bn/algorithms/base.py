@@ -100,7 +100,8 @@ LEVEL_FLAG = "xla_backend_optimization_level"
 
 
 def init_compiler_options(backend: str | None = None) -> dict[str, Any]:
-    """XLA options for the one-off init program: on CPU, LLVM optimization level 2, not 3.
+    """XLA options for the one-off init program (and the sequential executor's integer-only
+    shuffle): on CPU, LLVM optimization level 2, not 3.
 
     At XLA:CPU's default level 3 the init (threefry bits and initializers, unrolled per
     parameter) took 6.8-7.9 s to compile on the 2-core machine (SeedCNN, loaded), at level 2

@@ -184,31 +184,29 @@ def truncate(calls: list[Call], budget: int) -> list[Call]:
 def dispatches(calls: list[Call]) -> list[Dispatch]:
     """A client's calls as the sequential executor's dispatches.
 
-    The client's opening (``client_init``) is fused into its first call only when that call
-    is full and not the last, its closing (``client_final``) into its last call only when that
-    one is masked and does not open; otherwise each runs as a 0-step dispatch of its own. So
-    whatever the sizes and budgets, the dispatches that hold a train step come in four kinds
-    (opening + full, full, masked, masked + closing) per step count, and each compiles once: a
-    one-step client, a size that is a multiple of the batch, or a budget that cuts a schedule
-    short adds at most a 0-step kind (cheap to compile, one extra dispatch for that client).
+    The client's closing (``client_final``, then the opening of the lane's next client) is
+    fused into its last call when that one is masked, else it runs as a 0-step dispatch of
+    its own; openings are the lane's (``SequentialRound``): a lane opens its first client,
+    and each closing opens the next. So whatever the sizes and budgets, the dispatches that
+    hold a train step come in three kinds (full, masked, masked + closing) per step count, and
+    each compiles once; a size that is a multiple of the batch, or a budget that cuts a
+    schedule short, adds only the 0-step closing kind (cheap to compile).
     """
     if not calls:
         return []
-    out = [[s, num, masked, False, False] for s, num, masked in calls]
-    if not out[0][2] and len(out) > 1:
-        out[0][3] = True
+    out = [(s, num, masked, False, False) for s, num, masked in calls]
+    s, num, masked, _, _ = out[-1]
+    if masked:
+        out[-1] = (s, num, masked, False, True)
     else:
-        out.insert(0, [calls[0][0], 0, False, True, False])
-    if out[-1][2] and not out[-1][3]:
-        out[-1][4] = True
-    else:
-        out.append([calls[-1][0], 0, False, False, True])
-    return [(s, num, masked, first, last) for s, num, masked, first, last in out]
+        out.append((s, 0, False, False, True))
+    return out
 
 
 def lanes(costs: Sequence[int], num_lanes: int) -> tuple[tuple[int, ...], ...]:
     """Clients split into ``num_lanes`` lanes of similar total cost (longest first, each to the
-    least loaded lane), each lane in client order; clients of cost 0 are left out."""
+    least loaded lane), each lane in client order; clients of cost 0 are left out, so a lane
+    may be empty (the number of lanes, and so what compiles, never depends on the sizes)."""
     if num_lanes < 1:
         raise ValueError(f"num_lanes must be >= 1, got {num_lanes}.")
     load = [0] * num_lanes
@@ -218,4 +216,4 @@ def lanes(costs: Sequence[int], num_lanes: int) -> tuple[tuple[int, ...], ...]:
             k = min(range(num_lanes), key=lambda k: (load[k], k))
             load[k] += costs[c]
             members[k].append(c)
-    return tuple(tuple(sorted(m)) for m in members if m) or ((),)
+    return tuple(tuple(sorted(m)) for m in members)
