@@ -93,6 +93,7 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("eval_batch_size", int, 1),
     Bound("checkpoint_every", int, 1),
     Bound("cohort_size", int, 0, note=" (0: every client every round)"),
+    Bound("client_threads", int, 0, note=" (0: 2 on a CPU with 2+ cores, else 1)"),
     Bound("availability", float, 0, strict=True, high=1),
     Bound("held_out", int, 0),
     Bound("eval_clients", int, 0, note=" (0: every client)"),
@@ -216,7 +217,12 @@ def validate(config: Config) -> Config:
     tx = registry.build_optimizer(config)
     try:  # factories check their hyperparameters; make_round knows the executors
         algs = [registry.build_algorithm(a, model, tx, config) for a in config.algorithms]
-        fb.make_round(algs[0], executor=config.executor, batch_size=config.batch_size)
+        fb.make_round(
+            algs[0],
+            executor=config.executor,
+            batch_size=config.batch_size,
+            client_threads=config.client_threads or None,
+        )
     except ConfigError:
         raise
     except ValueError as e:  # e.g. mu < 0, an unknown executor (listing the valid ones)
@@ -362,6 +368,7 @@ def train_run(
         executor=config.executor,
         batch_size=config.batch_size,
         local_epochs=config.local_epochs,
+        client_threads=config.client_threads or None,
         cohort_size=config.cohort_size or None,
         sampler=cohort_sampler(config, data.num_clients),
         budget=step_budget(config),

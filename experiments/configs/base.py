@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 32  # client training batch size
     c.local_epochs = 1  # passes over its data a client makes per round
     c.executor = "sequential"  # any executor fedjax_bn.make_round knows
+    c.client_threads = 0  # sequential: host threads running clients at once; 0: 2 on a CPU, else 1
     c.mu = 1e-3  # FedProx proximal weight (fedprox, fedbn_prox, fedprox_bn_eval)
     c.clip_norm = 0.0  # clip each client's update of the shared params to this L2 norm; 0: off
     c.server_lr = 0.0  # fedavgm/fedadam/fedyogi/fedadagrad server lr; 0: the factory's default

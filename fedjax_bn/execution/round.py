@@ -338,10 +338,14 @@ def make_round(
         raise ValueError(f"Unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    if num_groups < 1 or steps_per_call < 1 or (client_threads is not None and client_threads < 1):
+    if num_groups < 1 or steps_per_call < 1:
         raise ValueError(
-            "num_groups, steps_per_call and client_threads must be >= 1, got "
-            f"{num_groups}, {steps_per_call}, {client_threads}."
+            f"num_groups and steps_per_call must be >= 1, got {num_groups}, {steps_per_call}."
+        )
+    if client_threads is not None and client_threads < 1:
+        raise ValueError(
+            f"client_threads must be >= 1 (or None: 2 on a CPU with 2+ cores, else 1), got "
+            f"{client_threads}."
         )
     if loop is not None:
         check_loop(loop)
