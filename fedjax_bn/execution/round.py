@@ -3,8 +3,9 @@
 An executor is a callable ``(state, train, key, sizes) -> (state, RoundResult)`` that runs one
 round of any :class:`~fedjax_bn.algorithms.Algorithm` through its pure client functions:
 
-- ``sequential``: clients one after another, local steps as jitted calls (``sequential.py``);
-  the fast path on XLA:CPU, where the round costs what its plain train steps cost;
+- ``sequential``: clients one after another (two lanes at once on a CPU), local steps as
+  jitted calls (``sequential.py``); the fast path on XLA:CPU, where a round costs less than
+  its plain train steps run one after another;
 - ``vmap``: every client in one jitted, vmapped call (fills a GPU/TPU with many small clients);
 - ``chunked``: vmap over chunks of ``chunk_size`` clients, looping over chunks inside the jit
   (``jax.lax.map(..., batch_size=k)``), to bound memory;

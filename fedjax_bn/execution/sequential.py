@@ -1,4 +1,5 @@
-"""The sequential executor: clients one after another, local steps as jitted calls.
+"""The sequential executor: clients one after another (in a lane per host thread), local steps
+as jitted calls.
 
 This is the fast path on XLA:CPU, which has two traps measured in ``docs/design.md``:
 convolution gradients inside a while loop (``lax.scan``) run 4-13x slower, and vmapped
@@ -77,7 +78,8 @@ def select_rows(owner_C: Array, buffers: tuple[Any, ...]) -> Any:
 
 
 class SequentialRound:
-    """``(state, train, key, sizes) -> (state, RoundResult)``, clients one after another."""
+    """``(state, train, key, sizes) -> (state, RoundResult)``, clients one after another in
+    each of ``client_threads`` lanes."""
 
     def __init__(
         self,
