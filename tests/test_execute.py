@@ -25,6 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fedjax_bn as fb
+from fedjax_bn import budgets
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution import EXECUTORS, choose_executor, make_round
 from fedjax_bn.execution.plan import (
@@ -122,6 +123,26 @@ def test_client_threads_give_bitwise_the_one_thread_round(outcomes: list[dict[st
     assert CONFIGS[1][1] == {"client_threads": 3}
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(three), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lanes_are_bitwise_for_scaffold_with_budgets_and_an_empty_client() -> None:
+    """SCAFFOLD's opening computes a correction; budgets (0 to 3 steps) leave some clients with
+    nothing to run, and one client has no data: 1, 2 and 4 lanes give the same bits."""
+    alg = fb.scaffold(tiny_cnn(), optax.sgd(0.05), lr=0.05)
+    data = make_clients(2, (6, 0, 9, 3, 5))
+    budget = budgets.uniform_steps(0, 3)
+    outs = []
+    for threads in (1, 2, 4):
+        rnd = make_round(
+            alg, executor="sequential", batch_size=B, budget=budget, client_threads=threads
+        )
+        state = alg.init(jax.random.key(0), data.x[0, :1], 5)
+        for r in range(2):
+            state, res = rnd(state, data, jax.random.key(r))
+        outs.append((state, res))
+    for other in outs[1:]:
+        for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(other), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_no_executor_retraces_after_the_first_round(outcomes: list[dict[str, Any]]) -> None:
