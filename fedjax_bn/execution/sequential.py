@@ -22,7 +22,7 @@ once from the clients' sizes (``plan.schedule``) and dispatches jitted calls tha
   than 5 single-step calls (``steps_per_call`` exists to re-measure elsewhere).
 - ``client_threads`` host threads run the clients, split into lanes of similar step counts
   (``plan.lanes``): on the 2-core CPU two independent train steps in flight at once ran
-  1.2-1.8x the throughput of one (``docs/startup.md``). Each lane writes its clients' outputs
+  1.15-1.85x the throughput of one (``docs/startup.md``). Each lane writes its clients' outputs
   into a stacked buffer of its own, and ``finish`` takes each client's row from its lane's
   buffer, so the result is bitwise that of one thread. Worker threads see jax's global config,
   not a thread-local context (``with jax.default_device(...)`` and the like).
