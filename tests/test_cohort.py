@@ -241,7 +241,7 @@ def test_rounds_compile_once_per_bucket() -> None:
     his = {hi for hi, _ in seq.buckets}
     assert impl._shuffle._cache_size() == len(his)
     assert impl._begin._cache_size() == impl._finish._cache_size() == 1
-    # Per N_max bucket a fixed set of call kinds: (masked, first, last) x steps_per_call.
+    # Per N_max bucket a fixed set of call kinds: (masked, opens, closes) x steps_per_call.
     assert impl._call._cache_size() <= 8 * len(his)
     assert_trees_close(seq_state, vmap_state, rtol=1e-4, atol=1e-5)
 

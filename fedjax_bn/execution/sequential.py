@@ -172,9 +172,9 @@ class SequentialRound:
 
     def _build_schedule(
         self, sizes: tuple[int, ...], n_max: int, budget: tuple[int, ...] | None
-    ) -> tuple[tuple[list[Dispatch], ...], tuple[tuple[int, ...], ...], np.ndarray | None]:
+    ) -> tuple[tuple[list[Dispatch], ...], tuple[tuple[int, ...], ...], Array | None]:
         """Each client's dispatches, the lanes of clients, and which lane holds client c's
-        outputs (None with one lane)."""
+        outputs (on device, cached with the schedule; None with one lane)."""
         per_client = budget or (None,) * len(sizes)
         plans = tuple(
             dispatches(schedule(n, n_max, self.batch_size, self.epochs, self.steps_per_call, b))
@@ -187,23 +187,26 @@ class SequentialRound:
         owner = np.zeros(len(sizes), np.int32)
         for k, members in enumerate(groups):
             owner[list(members)] = k
-        return plans, groups, owner
+        return plans, groups, jax.device_put(owner)
 
     def _dispatch(
-        self, d: Dispatch, state: FedState, carry: Any, finals: Any, data: tuple, c_next: int
+        self, d: Dispatch, c: int, c_next: int, state: FedState, carry: Any, finals: Any, run: tuple
     ) -> Any:
-        """One jitted call; a kind's first call (the one that compiles) holds a lock, so two
-        lanes never trace and compile the same program twice."""
+        """One jitted call for client ``c``; a kind's first call (the one that compiles) holds a
+        lock, so two lanes never trace and compile the same program twice. ``run``: the round's
+        data and its shapes (part of what a kind is: cohort buckets change them)."""
         s, num, masked, opens, closes = d
+        data, shapes = run
         args = (
             state if opens or closes else None,
             carry,
             finals if closes else None,
             *data,
+            c,
             s,
             c_next if closes else None,
         )
-        kind = (num, masked, opens, closes, *(jnp.shape(a) for a in data[:4]))
+        kind = (num, masked, opens, closes, shapes)
         if kind in self._compiled:
             return self._call(num, masked, opens, closes, *args)
         with self._compile_lock:
@@ -212,18 +215,18 @@ class SequentialRound:
         return out
 
     def _run_lane(
-        self, members: tuple[int, ...], plans: tuple, state: FedState, data: tuple, finals: Any
+        self, members: tuple[int, ...], plans: tuple, state: FedState, run: tuple, finals: Any
     ) -> Any:
         """The clients of one lane, one after another, writing into the lane's ``finals``: the
         lane opens its first client, and each client's closing call opens the next (the last
         one's opens the first again, unused), so no call kind opens and steps at once."""
         if not members:
             return finals
-        carry = self._dispatch(OPEN, state, None, None, (*data, members[0]), 0)
+        carry = self._dispatch(OPEN, members[0], members[0], state, None, None, run)
         for i, c in enumerate(members):
             c_next = members[(i + 1) % len(members)]
             for d in plans[c]:
-                out = self._dispatch(d, state, carry, finals, (*data, c), c_next)
+                out = self._dispatch(d, c, c_next, state, carry, finals, run)
                 if d[4]:
                     finals, carry = out
                 else:
@@ -247,22 +250,21 @@ class SequentialRound:
         idx_CSB, mask_CSB = batches
         buffers = self._begin(state, len(sizes), len(groups))
         data = (train.x, train.y, idx_CSB, mask_CSB)
+        run = (data, (train.x.shape, idx_CSB.shape))
         if len(groups) == 1:
-            buffers = (self._run_lane(groups[0], plans, state, data, buffers[0]),)
+            buffers = (self._run_lane(groups[0], plans, state, run, buffers[0]),)
         else:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     self.client_threads - 1, thread_name_prefix="fedjax_bn-client"
                 )
             jobs = {
-                k: self._pool.submit(self._run_lane, groups[k], plans, state, data, buffers[k])
+                k: self._pool.submit(self._run_lane, groups[k], plans, state, run, buffers[k])
                 for k in range(1, len(groups))
                 if groups[k]
             }
-            first = self._run_lane(groups[0], plans, state, data, buffers[0])
+            first = self._run_lane(groups[0], plans, state, run, buffers[0])
             rest = (jobs[k].result() if k in jobs else buffers[k] for k in range(1, len(groups)))
             buffers = (first, *rest)
         weights = train.n if budget is None else budget_weights(train.n, jnp.asarray(budget))
-        return self._finish(
-            state, buffers, None if owner is None else jax.device_put(owner), weights
-        )
+        return self._finish(state, buffers, owner, weights)
