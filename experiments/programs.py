@@ -31,7 +31,7 @@ def main() -> None:
     model = fb.SeedCNN(num_classes=10, widths=(32, 64), hidden=128)
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.adam(5e-4))
     alg = fb.fedprox(model, tx, 1e-3)
-    state = alg.init(jax.random.key(0), data.train.x[0, :1], data.num_clients)
+    state = alg.init(jax.random.key(0), data.train.sample_x(), data.num_clients)
     round_fn = fb.make_round(alg, executor="sequential")
     key = jax.random.key(1)
     for _ in range(2):

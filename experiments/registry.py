@@ -1,4 +1,5 @@
-"""Config names mapped to library factories: algorithms, settings, models, optimizers.
+"""Config names mapped to library factories: algorithms, settings, models, optimizers,
+augmentations and losses.
 
 One registry per kind; :func:`lookup` turns an unknown name into an error listing the valid ones.
 A data source is a setting: to add one (e.g. a tensorflow-datasets CIFAR-100 label skew reading
@@ -7,15 +8,20 @@ A data source is a setting: to add one (e.g. a tensorflow-datasets CIFAR-100 lab
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 import fedjax_bn as fb
 from fedjax_bn import data as fbd
+from fedjax_bn.data import augment
 from fedjax_bn.recalibrate import fedavg_batch_stats_only
 
 T = TypeVar("T")
@@ -24,9 +30,57 @@ AlgorithmFactory = Callable[[nn.Module, optax.GradientTransformation, Config], f
 SettingBuilder = Callable[[Config, int], fbd.FederatedData]
 
 
-def _common(config: Config) -> dict[str, float]:
-    """Options every factory takes: ``clip_norm`` when ``config.clip_norm`` is set (> 0)."""
-    return {"clip_norm": config.clip_norm} if config.clip_norm else {}
+@functools.cache
+def smoothed_cross_entropy(smoothing: float) -> fb.task.PerExample:
+    """Per-example softmax cross-entropy against ``optax.smooth_labels`` targets (Szegedy et
+    al. 2016: ``(1 - smoothing) * one_hot + smoothing / K``). Cached per value, so every run
+    with the same value shares one loss function (and its compiled programs)."""
+
+    def loss(logits_BK: jax.Array, y_B: jax.Array) -> jax.Array:
+        labels_BK = optax.smooth_labels(jax.nn.one_hot(y_B, logits_BK.shape[-1]), smoothing)
+        return optax.softmax_cross_entropy(logits_BK.astype(jnp.float32), labels_BK)
+
+    return loss
+
+
+# config.augment: training-batch augmentations ("" is none), built once so runs share them.
+AUGMENTS: dict[str, fb.task.Augment] = {
+    "crop": augment.random_crop(pad=4),
+    "flip": augment.random_flip(),
+    "cifar": augment.cifar_standard(pad=4),  # random crop of the 4-padded image, then flip
+}
+
+# config.loss: the loss keywords a factory gets (none: the library's default cross-entropy).
+LOSSES: dict[str, Callable[[Config], dict[str, Any]]] = {
+    "cross_entropy": lambda c: {},
+    "label_smoothing": lambda c: {
+        "loss": smoothed_cross_entropy(float(c.label_smoothing)),
+        "metrics": {"accuracy": fb.task.accuracy},  # a custom loss drops accuracy otherwise
+    },
+}
+
+
+def _common(config: Config) -> dict[str, Any]:
+    """Options every factory takes: ``clip_norm`` when ``config.clip_norm`` is set (> 0),
+    ``augment`` when ``config.augment`` names one, ``loss``/``metrics`` for a non-default
+    ``config.loss``."""
+    out: dict[str, Any] = {"clip_norm": config.clip_norm} if config.clip_norm else {}
+    if config.augment:
+        out["augment"] = lookup(AUGMENTS, config.augment, "augment")
+    out.update(lookup(LOSSES, config.loss, "loss function")(config))
+    return out
+
+
+def _renormed(model: nn.Module, norm: str) -> nn.Module:
+    """``model`` with its normalization layers switched to ``norm``, or a ConfigError when the
+    model has no ``norm`` field."""
+    if "norm" not in {f.name for f in dataclasses.fields(model)}:
+        raise ConfigError(
+            f"This algorithm switches the model's normalization to {norm!r}, but "
+            f"{type(model).__name__} has no `norm` field; models that have one: "
+            f"{', '.join(NORM_MODELS)}."
+        )
+    return model.clone(norm=norm)
 
 
 def _server_lr(config: Config) -> dict[str, float]:
@@ -65,10 +119,10 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     "fedavg_recal": lambda m, tx, c: fb.fedavg(m, tx, name="fedavg_recal", **_common(c)),
     # The same model with another normalization (no BN: nothing local under any policy).
     "fedavg_group": lambda m, tx, c: fb.fedavg(
-        m.clone(norm="group"), tx, name="fedavg_group", **_common(c)
+        _renormed(m, "group"), tx, name="fedavg_group", **_common(c)
     ),
     "fedavg_ws": lambda m, tx, c: fb.fedavg(
-        m.clone(norm="none"), tx, name="fedavg_ws", **_common(c)
+        _renormed(m, "none"), tx, name="fedavg_ws", **_common(c)
     ),
 }
 
@@ -134,7 +188,12 @@ MODELS: dict[str, Callable[[Config, int], nn.Module]] = {
         momentum=m.momentum,
         norm=m.get("norm", "batch"),
     ),
+    # The flax-examples ResNet-18 (CIFAR stem); BatchNorm only, no `norm` field.
+    "resnet18": lambda m, k: fb.ResNet18(num_classes=k, num_filters=m.num_filters),
 }
+
+# The models with a `norm` field (config.model.norm; fedavg_group and fedavg_ws switch it).
+NORM_MODELS: tuple[str, ...] = ("digit_model", "seed_cnn")
 
 OPTIMIZERS: dict[str, Callable[[Config], optax.GradientTransformation]] = {
     # Coupled L2 (torch's Adam(weight_decay=)): decay joins the gradient before Adam scales it.

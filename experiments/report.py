@@ -19,6 +19,15 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Row = dict[str, Any]
 FINAL_METRICS = ("global_acc", "client_acc", "train_loss", "bn_div", "probe_div", "affine_div")
+# Columns every history row has; any other ``train_<name>``/``global_<name>`` is a task metric.
+BUILTIN_COLUMNS = frozenset({"train_loss", "train_acc", "global_loss", "global_acc"})
+
+
+def metric_columns(rows: Iterable[Row]) -> list[str]:
+    """The task-metric columns (``train_<name>``, ``global_<name>``) of ``rows``, besides the
+    built-in ones, in first-seen order."""
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith(("train_", "global_")))
+    return [k for k in keys if k not in BUILTIN_COLUMNS]
 
 
 def clean(value: Any) -> Any:
@@ -76,7 +85,7 @@ def run_summary(rows: Sequence[Row]) -> Row:
     """Final metrics of one run; ``sec_per_round`` excludes round 1 (it compiles)."""
     seconds = [r["seconds"] for r in rows]
     steady = seconds[1:] or seconds
-    out = {k: last_value(rows, k) for k in FINAL_METRICS}
+    out = {k: last_value(rows, k) for k in (*FINAL_METRICS, *metric_columns(rows))}
     out.update(
         setting=rows[0]["setting"],
         algorithm=rows[0]["algorithm"],
@@ -105,8 +114,8 @@ def aggregate(runs: Sequence[Row]) -> dict[str, dict[str, dict[str, Any]]]:
         groups[(run["setting"], run["algorithm"])].append(run)
     out: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for (setting, alg), group in groups.items():
-        metrics = (*FINAL_METRICS, "sec_per_round")
-        out[setting][alg] = {m: mean_std(r[m] for r in group) for m in metrics}
+        metrics = (*FINAL_METRICS, *metric_columns(group), "sec_per_round")
+        out[setting][alg] = {m: mean_std(r.get(m) for r in group) for m in metrics}
         out[setting][alg]["seeds"] = [r["seed"] for r in group]
         out[setting][alg]["bn_div_source"] = group[-1]["bn_div_source"]
     return dict(out)
@@ -154,11 +163,17 @@ def source_notes(sources: Iterable[str | None]) -> list[str]:
     return [f"{source_tag(s)} = {BN_SOURCES.get(s, (s, 'unknown source'))[1]}" for s in seen]
 
 
-def _row_cells(stats: dict[str, Any]) -> list[str]:
+def _columns(per_alg: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """:data:`TABLE_COLUMNS`, then one per task-metric column any algorithm has."""
+    extra = metric_columns(per_alg.values())
+    return [*TABLE_COLUMNS, *((k.replace("_", " ", 1), k, ".3g") for k in extra)]
+
+
+def _row_cells(stats: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> list[str]:
     """One table row's cells; the BN divergence names the statistics it comes from."""
     cells = []
-    for _, key, fmt in TABLE_COLUMNS:
-        cell = _cell(stats[key], fmt)
+    for _, key, fmt in columns:
+        cell = _cell(stats.get(key, mean_std(())), fmt)
         tag = source_tag(stats.get("bn_div_source")) if key == "bn_div" else ""
         cells.append(f"{cell} {tag}" if tag and cell != "n/a" else cell)
     return cells
@@ -166,8 +181,9 @@ def _row_cells(stats: dict[str, Any]) -> list[str]:
 
 def format_table(setting: str, per_alg: dict[str, dict[str, Any]]) -> str:
     """A plain-text table of one setting's final metrics (mean ± std over seeds)."""
-    header = ["algorithm", *(c[0] for c in TABLE_COLUMNS)]
-    body = [[alg, *_row_cells(stats)] for alg, stats in per_alg.items()]
+    columns = _columns(per_alg)
+    header = ["algorithm", *(c[0] for c in columns)]
+    body = [[alg, *_row_cells(stats, columns)] for alg, stats in per_alg.items()]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *body]]
     seeds = max(len(s["seeds"]) for s in per_alg.values())

@@ -142,6 +142,8 @@ def _valid_names() -> dict[str, list[str]]:
         "model.name": sorted(registry.MODELS),
         "optim.name": sorted(registry.OPTIMIZERS),
         "executor": list(EXECUTORS),
+        "augment": sorted(registry.AUGMENTS),
+        "loss": sorted(registry.LOSSES),
     }
 
 

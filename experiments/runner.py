@@ -74,7 +74,8 @@ def check_fields(config: Config) -> None:
 
 
 class Bound(NamedTuple):
-    """The valid range of one numeric field: ``low <= value`` (``<`` if strict), ``<= high``."""
+    """The valid range of one numeric field: ``low <= value`` (``<`` if strict), ``<= high``
+    (``<`` if high_strict)."""
 
     field: str
     kind: type  # int: integers only; float: any finite number
@@ -82,6 +83,7 @@ class Bound(NamedTuple):
     strict: bool = False
     high: float | None = None
     note: str = ""
+    high_strict: bool = False  # ``value < high`` instead of ``<=``
 
 
 # Every numeric field's valid range, checked by validate before anything is written.
@@ -109,6 +111,8 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("data.max_train", int, 0, note=" (0: all)"),
     Bound("data.max_test", int, 0, note=" (0: all)"),
     Bound("model.momentum", float, 0, high=1),
+    Bound("model.num_filters", int, 1),
+    Bound("label_smoothing", float, 0, high=1, high_strict=True),
     Bound("optim.lr", float, 0, strict=True),
     Bound("optim.weight_decay", float, 0),
     Bound("optim.momentum", float, 0),
@@ -120,7 +124,8 @@ def describe(bound: Bound) -> str:
     """What ``bound`` accepts, e.g. ``'an integer >= 1'``, ``'a finite number in [0, 1]'``."""
     kind = "an integer" if bound.kind is int else "a finite number"
     if bound.high is not None:
-        return f"{kind} in {'(' if bound.strict else '['}{bound.low:g}, {bound.high:g}]"
+        close = ")" if bound.high_strict else "]"
+        return f"{kind} in {'(' if bound.strict else '['}{bound.low:g}, {bound.high:g}{close}"
     return f"{kind} {'>' if bound.strict else '>='} {bound.low:g}{bound.note}"
 
 
@@ -132,7 +137,9 @@ def in_bounds(bound: Bound, value: Any) -> bool:
     if not isinstance(value, int) and not abs(value) < float("inf"):  # NaN, inf
         return False
     above = value > bound.low if bound.strict else value >= bound.low
-    return above and (bound.high is None or value <= bound.high)
+    if bound.high is None:
+        return above
+    return above and (value < bound.high if bound.high_strict else value <= bound.high)
 
 
 def check_numbers(config: Config) -> None:
@@ -186,6 +193,9 @@ def validate(config: Config) -> Config:
         registry.lookup(registry.SETTINGS, name, "setting")
     for name in config.algorithms:
         registry.lookup(registry.ALGORITHMS, name, "algorithm")
+    if config.augment:  # '' is none
+        registry.lookup(registry.AUGMENTS, config.augment, "augment")
+    registry.lookup(registry.LOSSES, config.loss, "loss function")
     if not config.settings or not config.algorithms:
         raise ConfigError("Give at least one setting and one algorithm.")
     config.seeds = parse_seeds(config.seeds)
@@ -277,6 +287,12 @@ def prepare_out_dir(config: Config, *, resume: bool = False, overwrite: bool = F
 def _mean_by(values: Any, weights: Any) -> float:
     values, weights = np.asarray(values, np.float64), np.asarray(weights, np.float64)
     return float(np.sum(values * weights) / max(np.sum(weights), 1.0))
+
+
+def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A result's task metrics other than accuracy (which has its own ``*_acc`` columns); each
+    becomes ``train_<name>`` and ``global_<name>`` history columns."""
+    return {k: v for k, v in metrics.items() if k != "accuracy"}
 
 
 def _floats(per_layer: dict[str, Any]) -> dict[str, float]:
@@ -376,7 +392,7 @@ def train_run(
     )
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
     x_probe, mask_probe = monitor.probe_batches(data.train, config.monitor.probe_size)
-    state = alg.init(jax.random.key(seeds.init), data.train.x[0, :1], data.num_clients)
+    state = alg.init(jax.random.key(seeds.init), data.train.sample_x(), data.num_clients)
     key = jax.random.key(seeds.shuffle)
     if alg.policy != "fedavg" and not model_parts(state).local:
         print(
@@ -445,6 +461,9 @@ def train_run(
                 "affine_div_layers": _floats(div["affine"]),
                 "seconds": seconds,
             }
+            weights = result.num_seen * ~result.quarantined
+            for name, values in task_metrics(result.metrics).items():  # beyond accuracy
+                row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
             seen.update(row["cohort"])
             final = rnd == config.rounds
             if rnd == 1 or rnd % config.eval_every == 0 or final:
@@ -452,6 +471,7 @@ def train_run(
                 glob = fb.evaluate_global(alg, evaluated, data, config.eval_batch_size)
                 if glob is not None:
                     row.update(global_acc=glob.accuracy, global_loss=glob.loss)
+                    row.update({f"global_{k}": v for k, v in task_metrics(glob.metrics).items()})
                 ids = evaluation.eval_ids(data.num_clients, config.eval_clients, seed, rnd, final)
                 row.update(
                     evaluation.evaluate_population(

@@ -31,6 +31,17 @@ from fedjax_bn.evaluate import (
 from fedjax_bn.execution import client_update, make_round
 from fedjax_bn.models import DigitModel, SeedCNN
 from fedjax_bn.policy import bn_param_mask, merge, partition, pool_batch_stats
+from fedjax_bn.resnet import ResNet, ResNet18
+from fedjax_bn.task import Task, make_task
+
+
+def __getattr__(name: str):  # NnxCNN loads flax.nnx only when asked for
+    if name == "NnxCNN":
+        from fedjax_bn.nnx_cnn import NnxCNN
+
+        return NnxCNN
+    raise AttributeError(f"module 'fedjax_bn' has no attribute {name!r}")
+
 
 enable_by_default()  # jax's persistent compilation cache; FEDJAX_BN_COMPILATION_CACHE=0: off
 
@@ -40,7 +51,11 @@ __all__ = [
     "DigitModel",
     "FedState",
     "LocalTraining",
+    "NnxCNN",
+    "ResNet",
+    "ResNet18",
     "SeedCNN",
+    "Task",
     "ServerState",
     "adapt_bn",
     "bn_param_mask",
@@ -63,6 +78,7 @@ __all__ = [
     "global_variables",
     "make_algorithm",
     "make_round",
+    "make_task",
     "merge",
     "partition",
     "pool_batch_stats",

@@ -14,15 +14,21 @@ result is deterministic). Integer leaves (counters) keep their value.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bn import policy as policy_lib
 from fedjax_bn.aggregate import weighted_mean
-from fedjax_bn.algorithms.base import Algorithm, FedState, client_variables, model_parts
+from fedjax_bn.algorithms.base import (
+    Algorithm,
+    FedState,
+    client_variables,
+    model_parts,
+    task_of,
+)
 from fedjax_bn.recalibrate import LayerMoments, bn_input_moments, pool, with_moments
 from fedjax_bn.tree import Variables, take_client
 
@@ -31,30 +37,37 @@ Array = jax.Array
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _batch_moments(
-    model: nn.Module, variables: Variables, x_N: Array, start: Array, batch_size: int
+    model: Any, variables: Variables, x_N: Any, start: Array, batch_size: int
 ) -> LayerMoments:
     """BN input moments of examples ``[start, start + batch_size)`` (masked past the end)."""
     idx_B = start + jnp.arange(batch_size)
-    x_B = jnp.take(x_N, jnp.minimum(idx_B, x_N.shape[0] - 1), axis=0)
-    return bn_input_moments(model, variables, x_B, idx_B < x_N.shape[0])
+    n = num_examples(x_N)
+    x_B = jax.tree.map(lambda a: jnp.take(a, jnp.minimum(idx_B, n - 1), axis=0), x_N)
+    return bn_input_moments(model, variables, x_B, idx_B < n)
+
+
+def num_examples(x_N: Any) -> int:
+    """The number of examples of an input pytree (its leaves' leading axis)."""
+    return int(jax.tree.leaves(x_N)[0].shape[0])
 
 
 def adapt_variables(
-    model: nn.Module, variables: Variables, x_N: Array | np.ndarray, *, batch_size: int = 256
+    model: Any, variables: Variables, x_N: Any, *, batch_size: int = 256
 ) -> Variables:
     """``variables`` with every BN layer's running statistics set to those of ``x_N``'s
     inputs to it (module docstring); unchanged for a model without BN."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if len(x_N) < 1:
+    n = num_examples(x_N)
+    if n < 1:
         raise ValueError("adapt_bn needs at least one example.")
     if not policy_lib.has_batch_norm(variables):
         return variables
-    x_N = jnp.asarray(x_N)
-    batch_size = min(batch_size, len(x_N))  # one compile shape, no all-padding batch
+    x_N = jax.tree.map(jnp.asarray, x_N)
+    batch_size = min(batch_size, n)  # one compile shape, no all-padding batch
     batches = [
         _batch_moments(model, variables, x_N, jnp.asarray(s), batch_size)
-        for s in range(0, len(x_N), batch_size)
+        for s in range(0, n, batch_size)
     ]
     moments = {p: pool([b[p] for b in batches]) for p in batches[0]}
     return {**variables, "batch_stats": with_moments(variables["batch_stats"], moments)}
@@ -88,7 +101,7 @@ def adapt_bn(
                 f"{alg.name!r} (policy {alg.policy!r}) has no global model: pass client=c to "
                 "adapt client c's model."
             )
-    return adapt_variables(alg.model, variables, x_N, batch_size=batch_size)
+    return adapt_variables(task_of(alg), variables, x_N, batch_size=batch_size)
 
 
 def new_client_variables(alg: Algorithm, state: FedState, train_sizes: Array) -> Variables:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_bn.task import Task, as_task, batch_size_of
 from fedjax_bn.tree import Variables, flatten, unflatten
 
 Array = jax.Array
@@ -28,20 +28,29 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class LocalTraining:
-    """What a client does locally: model, optimizer, FedProx ``mu``, BN mode while training."""
+    """What a client does locally: the task (model, loss, metrics, augmentation), optimizer,
+    FedProx ``mu``, BN mode while training. ``model`` may be a :class:`~fedjax_bn.task.Task`
+    or a bare Linen/NNX model (the default task)."""
 
-    model: nn.Module
+    model: Any
     tx: optax.GradientTransformation
     mu: float = 0.0
     bn_train: bool = True
 
+    @property
+    def task(self) -> Task:
+        """The task every call of local training goes through."""
+        return as_task(self.model)
+
 
 class Batch(NamedTuple):
-    """One batch of a client's examples; ``mask=None`` means every example is real."""
+    """One batch of a client's examples; ``mask=None`` means every example is real; ``key``
+    (the step's PRNG key) feeds dropout and augmentation."""
 
-    x: Array
-    y: Array
+    x: Any
+    y: Any
     mask: Array | None = None
+    key: Array | None = None
 
 
 class LocalState(NamedTuple):
@@ -50,9 +59,23 @@ class LocalState(NamedTuple):
     variables: Variables
     opt_state: Any
     loss_sum: Array
-    correct: Array
+    metric_sums: dict[str, Array]
     count: Array
     steps: Array  # optimizer steps that saw at least one real example
+
+
+class ClientMetrics(NamedTuple):
+    """A client's training metrics of one round (stacked by executors: each ``[C]``): mean
+    loss, every task metric's mean (``metrics[name]``), examples seen."""
+
+    loss: Array
+    metrics: dict[str, Array]
+    num_seen: Array
+
+    @property
+    def accuracy(self) -> Array:
+        """The ``accuracy`` metric (NaN where the task has none)."""
+        return self.metrics.get("accuracy", jnp.full_like(self.loss, jnp.nan))
 
 
 class ClientResult(NamedTuple):
@@ -66,14 +89,6 @@ class ClientResult(NamedTuple):
     num_seen: Array
 
 
-class ClientMetrics(NamedTuple):
-    """A client's training metrics of one round (stacked by executors: each ``[C]``)."""
-
-    loss: Array
-    accuracy: Array
-    num_seen: Array
-
-
 def prox_term(params: Variables, anchor: Variables) -> Array:
     """``0.5 * ||w - w_anchor||^2`` over the params paths present in ``anchor`` only."""
     flat_w, flat_a = flatten(params), flatten(anchor)
@@ -81,21 +96,34 @@ def prox_term(params: Variables, anchor: Variables) -> Array:
     return 0.5 * sum(sq, start=jnp.zeros((), jnp.float32))
 
 
-def masked_cross_entropy(logits_BK: Array, y_B: Array, mask_B: Array | None) -> tuple[Array, Array]:
-    """(sum of cross-entropy, number correct) over the real (unmasked) examples.
-
-    ``mask_B=None``: every example is real (a full batch).
-    """
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BK.astype(jnp.float32), y_B)
-    correct = jnp.argmax(logits_BK, -1) == y_B
+def masked_sum(values_B: Array, mask_B: Array | None) -> Array:
+    """The sum of per-example values over the real (unmasked) examples, in float32 for
+    metrics (booleans count as 0/1)."""
+    if values_B.dtype == jnp.bool_:
+        values_B = values_B.astype(jnp.float32)
     if mask_B is None:
-        return jnp.sum(ce), jnp.sum(correct)
-    return jnp.sum(jnp.where(mask_B, ce, 0.0)), jnp.sum(correct & mask_B)
+        return jnp.sum(values_B)
+    return jnp.sum(jnp.where(mask_B, values_B, 0.0))
 
 
-def num_real(y_B: Array, mask_B: Array | None) -> Array:
+def batch_sums(task: Task, outputs: Any, y: Any, mask_B: Array | None):
+    """(sum of the loss, ``{name: sum of the metric}``) over the batch's real examples."""
+    loss_B, metrics_B = task.per_example(outputs, y)
+    return masked_sum(loss_B, mask_B), {k: masked_sum(v, mask_B) for k, v in metrics_B.items()}
+
+
+def num_real(x: Any, mask_B: Array | None) -> Array:
     """How many examples of the batch are real: ``sum(mask_B)``, or B for a full batch."""
-    return jnp.asarray(y_B.shape[0], jnp.int32) if mask_B is None else jnp.sum(mask_B)
+    if mask_B is None:
+        return jnp.asarray(batch_size_of(x), jnp.int32)
+    return jnp.sum(mask_B)
+
+
+def step_keys(key: Array | None) -> tuple[Array | None, Array | None]:
+    """A step's (model key: dropout and other RNG streams, augmentation key)."""
+    if key is None:
+        return None, None
+    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
 
 def loss_fn(
@@ -103,27 +131,28 @@ def loss_fn(
     params: Variables,
     rest: Variables,
     anchor: Variables | None,
-    x_B: Array,
-    y_B: Array,
-    mask_B: Array | None,
-) -> tuple[Array, tuple[Variables, Array, Array]]:
+    batch: Batch,
+) -> tuple[Array, tuple[Variables, Array, dict[str, Array]]]:
     """Mean loss (+ FedProx term) and the new non-param collections, in the requested BN mode.
 
-    ``mask_B=None`` is a full batch: BN skips its (measurably slower) masked statistics.
+    ``batch.mask=None`` is a full batch: BN skips its (measurably slower) masked statistics.
     """
+    task = spec.task
+    model_key, augment_key = step_keys(batch.key)
+    x = batch.x
+    if task.augment is not None:
+        if augment_key is None:
+            raise ValueError("augment needs a PRNG key per step: pass Batch(..., key=).")
+        x = task.augmented(augment_key, x)
     variables = {"params": params, **rest}
-    if spec.bn_train:
-        logits, updates = spec.model.apply(
-            variables, x_B, train=True, mask=mask_B, mutable=["batch_stats"]
-        )
-        rest = {**rest, **updates}
-    else:  # the original bug, reproduced on purpose: BN stays on frozen running statistics
-        logits = spec.model.apply(variables, x_B, train=False, mask=mask_B)
-    ce_sum, correct = masked_cross_entropy(logits, y_B, mask_B)
-    loss = ce_sum / jnp.maximum(num_real(y_B, mask_B), 1)
+    # bn_train=False is the original bug, reproduced on purpose: BN on frozen running stats.
+    outputs, updates = task.apply(variables, x, train=spec.bn_train, mask=batch.mask, rng=model_key)
+    rest = {**rest, **updates}
+    loss_sum, metric_sums = batch_sums(task, outputs, batch.y, batch.mask)
+    loss = loss_sum / jnp.maximum(num_real(batch.y, batch.mask), 1)
     if spec.mu and anchor is not None:
         loss = loss + spec.mu * prox_term({"params": params}, anchor)
-    return loss, (rest, ce_sum, correct)
+    return loss, (rest, loss_sum, metric_sums)
 
 
 def init_state(spec: LocalTraining, variables: Variables, opt_state: Any = None) -> LocalState:
@@ -131,7 +160,8 @@ def init_state(spec: LocalTraining, variables: Variables, opt_state: Any = None)
     if opt_state is None:
         opt_state = spec.tx.init(variables["params"])
     zero = jnp.zeros((), jnp.float32)
-    return LocalState(variables, opt_state, zero, zero, zero, jnp.zeros((), jnp.int32))
+    sums = {name: zero for name in spec.task.metrics}
+    return LocalState(variables, opt_state, zero, sums, zero, jnp.zeros((), jnp.int32))
 
 
 def add_correction(grads: Variables, correction: Variables) -> Variables:
@@ -146,21 +176,19 @@ def train_step(
     spec: LocalTraining,
     anchor: Variables | None,
     state: LocalState,
-    x_B: Array,
-    y_B: Array,
-    mask_B: Array | None,
+    batch: Batch,
     correction: Variables | None = None,
 ) -> LocalState:
     """One optimizer step on a partially masked batch; a fully masked batch is a no-op.
 
-    ``mask_B=None`` is a full batch (every example real): no masking and no no-op select, the
-    cost of a plain train step. ``anchor``: the shared parameters FedProx pulls towards (None
-    without a proximal term); ``correction``: added to the shared parameters' gradient.
+    ``batch.mask=None`` is a full batch (every example real): no masking and no no-op select,
+    the cost of a plain train step. ``anchor``: the shared parameters FedProx pulls towards
+    (None without a proximal term); ``correction``: added to the shared parameters' gradient.
     """
     params = state.variables["params"]
     rest = {k: v for k, v in state.variables.items() if k != "params"}
-    grads, (rest, ce_sum, correct) = jax.grad(
-        lambda p: loss_fn(spec, p, rest, anchor, x_B, y_B, mask_B), has_aux=True
+    grads, (rest, loss_sum, metric_sums) = jax.grad(
+        lambda p: loss_fn(spec, p, rest, anchor, batch), has_aux=True
     )(params)
     if correction:
         grads = add_correction(grads, correction)
@@ -168,18 +196,19 @@ def train_step(
     stepped = LocalState(
         {"params": optax.apply_updates(params, updates), **rest},
         opt_state,
-        state.loss_sum + ce_sum,
-        state.correct + correct,
-        state.count + num_real(y_B, mask_B),
+        state.loss_sum + loss_sum,
+        {k: state.metric_sums[k] + v for k, v in metric_sums.items()},
+        state.count + num_real(batch.y, batch.mask),
         state.steps + 1,
     )
-    if mask_B is None:
+    if batch.mask is None:
         return stepped
-    valid = jnp.any(mask_B)
+    valid = jnp.any(batch.mask)
     return jax.tree.map(lambda new, old: jnp.where(valid, new, old), stepped, state)
 
 
 def metrics(state: LocalState) -> ClientMetrics:
-    """Round metrics from a client's final state (mean loss and accuracy over seen examples)."""
+    """Round metrics from a client's final state (mean loss and metrics over seen examples)."""
     seen = jnp.maximum(state.count, 1.0)
-    return ClientMetrics(state.loss_sum / seen, state.correct / seen, state.count)
+    means = {k: v / seen for k, v in state.metric_sums.items()}
+    return ClientMetrics(state.loss_sum / seen, means, state.count)

@@ -10,27 +10,35 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from fedjax_bn import policy
-from fedjax_bn.algorithms.base import Algorithm, FedState, client_variables, model_parts
-from fedjax_bn.client import masked_cross_entropy
+from fedjax_bn.algorithms.base import (
+    Algorithm,
+    FedState,
+    client_variables,
+    model_parts,
+    task_of,
+)
+from fedjax_bn.client import batch_sums
 from fedjax_bn.data import FederatedData, pooled_test
+from fedjax_bn.task import Task, as_task
 from fedjax_bn.tree import Variables
 
 Array = jax.Array
 
 
 class Metrics(NamedTuple):
-    """Mean loss and accuracy over ``count`` examples (NaN when ``count`` is zero)."""
+    """Mean loss and accuracy over ``count`` examples (NaN when ``count`` is zero, or for
+    ``accuracy`` when the task has none), and every task metric's mean (``metrics``)."""
 
     loss: float
     accuracy: float
     count: int
+    metrics: dict[str, float] = {}
 
 
 class ClientMetrics(NamedTuple):
@@ -42,33 +50,45 @@ class ClientMetrics(NamedTuple):
     mean_accuracy: float
     weighted_accuracy: float
     ids: np.ndarray | None = None  # the client ids evaluated, in the order of the arrays
+    metrics: dict[str, np.ndarray] = {}  # every task metric per client ([C] each)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_batch(
-    model: nn.Module, variables: Variables, x_B: Array, y_B: Array, mask_B: Array
-) -> tuple[Array, Array]:
-    logits = model.apply(variables, x_B, train=False)
-    return masked_cross_entropy(logits, y_B, mask_B)
+    task: Task, variables: Variables, x_B: Any, y_B: Any, mask_B: Array
+) -> tuple[Array, dict[str, Array]]:
+    return batch_sums(task, task.outputs(variables, x_B), y_B, mask_B)
+
+
+def _padded(tree: Any, start: int, size: int) -> Any:
+    """Examples ``[start, start + size)`` of a host pytree, zero-padded to ``size`` rows."""
+
+    def cut(a: np.ndarray) -> np.ndarray:
+        part = np.asarray(a)[start : start + size]
+        pad = np.zeros((size - len(part), *part.shape[1:]), part.dtype)
+        return np.concatenate([part, pad])
+
+    return jax.tree.map(cut, tree)
 
 
 def evaluate_model(
-    model: nn.Module, variables: Variables, x_N: np.ndarray, y_N: np.ndarray, batch_size: int = 256
+    model: Any, variables: Variables, x_N: Any, y_N: Any, batch_size: int = 256
 ) -> Metrics:
-    """Loss and accuracy of ``variables`` on (x, y) in eval mode; batches padded to one shape."""
-    n = len(y_N)
-    loss_sum, correct = 0.0, 0
+    """Loss and metrics of ``variables`` on (x, y) in eval mode (``train=False``); batches
+    padded to one shape, padding masked out. ``model``: a Linen/NNX model or a Task."""
+    task = as_task(model)
+    n = len(jax.tree.leaves(y_N)[0])
+    loss_sum, sums = 0.0, dict.fromkeys(task.metrics, 0.0)
     for start in range(0, n, batch_size):
-        x_B, y_B = x_N[start : start + batch_size], y_N[start : start + batch_size]
-        pad = batch_size - len(y_B)
-        mask_B = np.arange(batch_size) < len(y_B)
-        x_B = np.concatenate([x_B, np.zeros((pad, *x_B.shape[1:]), x_B.dtype)])
-        y_B = np.concatenate([y_B, np.zeros(pad, y_B.dtype)])
-        ce, ok = _eval_batch(model, variables, x_B, y_B, mask_B)
-        loss_sum, correct = loss_sum + float(ce), correct + int(ok)
+        mask_B = np.arange(batch_size) < min(batch_size, n - start)
+        x_B, y_B = _padded(x_N, start, batch_size), _padded(y_N, start, batch_size)
+        loss, metric_sums = _eval_batch(task, variables, x_B, y_B, mask_B)
+        loss_sum += float(loss)
+        sums = {k: sums[k] + float(v) for k, v in metric_sums.items()}
     if n == 0:
-        return Metrics(float("nan"), float("nan"), 0)
-    return Metrics(loss_sum / n, correct / n, n)
+        return Metrics(float("nan"), float("nan"), 0, dict.fromkeys(task.metrics, float("nan")))
+    means = {k: v / n for k, v in sums.items()}
+    return Metrics(loss_sum / n, means.get("accuracy", float("nan")), n, means)
 
 
 def global_variables(alg: Algorithm, state: FedState, train_sizes: Array) -> Variables | None:
@@ -89,7 +109,7 @@ def evaluate_global(
     if variables is None:
         return None
     x, y = pooled_test(data)
-    return evaluate_model(alg.model, variables, x, y, batch_size)
+    return evaluate_model(task_of(alg), variables, x, y, batch_size)
 
 
 def evaluate_clients(
@@ -123,11 +143,12 @@ def evaluate_clients(
         variables = client_model(alg, state, c)
         if c in adapt:
             x_train = data.train.client(c)[0]
-            variables = adapt_variables(alg.model, variables, x_train, batch_size=batch_size)
+            variables = adapt_variables(task_of(alg), variables, x_train, batch_size=batch_size)
         x, y = data.test.client(c)
-        per.append(evaluate_model(alg.model, variables, x, y, batch_size))
-    loss, acc, count = (np.array(v) for v in zip(*per, strict=True))
+        per.append(evaluate_model(task_of(alg), variables, x, y, batch_size))
+    loss, acc, count = (np.array([getattr(m, f) for m in per]) for f in Metrics._fields[:3])
+    metrics = {k: np.array([m.metrics[k] for m in per]) for k in per[0].metrics}
     has = count > 0
     weighted = float(np.sum(acc[has] * count[has]) / max(np.sum(count), 1))
     mean = float(np.mean(acc[has])) if has.any() else float("nan")
-    return ClientMetrics(loss, acc, count, mean, weighted, ids)
+    return ClientMetrics(loss, acc, count, mean, weighted, ids, metrics)

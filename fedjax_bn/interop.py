@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fedjax_bn.task import as_task
+
 Path = tuple[str, ...]
 COUNTER = "num_batches_tracked"
 # torch suffix -> (flax collection, flax leaf name), per layer kind, in torch's key order.
@@ -85,9 +87,16 @@ def _probe(model: nn.Module, sample_x: Any, *, materialize: bool) -> tuple[Any, 
         events.append(("exit", path, tuple(out.shape) if hasattr(out, "shape") else None))
         return out
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"from_torch/to_torch map a Linen model's layers in call order; got "
+            f"{type(model).__name__} (for an NNX model, copy torch's arrays into its "
+            "nnx.Param/nnx.BatchStat values before handing it over)."
+        )
+
     def init(key: jax.Array) -> Any:
         with nn.intercept_methods(record):
-            return model.init(key, sample_x, train=False)
+            return as_task(model).init(key, sample_x)
 
     key = jax.random.key(0)
     variables = init(key) if materialize else jax.eval_shape(init, key)

@@ -1,9 +1,11 @@
-"""Flax linen models whose BatchNorm mode is always explicit, with normalization alternatives.
+"""The library's own Flax linen models, with normalization alternatives.
 
-Every ``__call__`` takes a keyword-only ``train: bool`` with no default, so the mode that broke
-the original FedProx (BN silently left in eval mode) cannot be forgotten. ``mask`` marks the real
+The library states BN's mode by keyword at every call it makes, whatever a user's model
+defaults to (``fedjax_bn.task``); these models also take a keyword-only ``train: bool`` with no
+default, because users call them directly too, and there the mode that broke the original
+FedProx (BN silently left in eval mode) must not be forgettable. ``mask`` marks the real
 examples of a padded batch: BatchNorm computes its batch statistics over them only, so padding
-changes nothing.
+changes nothing (models without a ``mask`` parameter are masked by the library).
 
 ``norm`` picks each model's normalization (:data:`NORMS`): ``"batch"`` (the default: exactly
 the BatchNorm layers and parameter names these models always had), ``"group"`` (GroupNorm,
@@ -16,7 +18,6 @@ and ignore it (they normalize each example on its own, so padding cannot leak in
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -24,6 +25,8 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from fedjax_bn.resnet import ResNet, ResNet18  # noqa: F401  (re-exported: fb.models.ResNet18)
 
 Array = jax.Array
 Norm = Literal["batch", "group", "layer", "none"]
@@ -288,25 +291,3 @@ class DigitModel(nn.Module):
             )
             x = nn.relu(x)
         return nn.Dense(self.num_classes)(x)
-
-
-def require_train_keyword(model: nn.Module) -> None:
-    """Raise unless ``model.__call__`` takes a keyword-only ``train`` with no default (else its
-    BN mode could be left implicit, the original bug)."""
-    params = inspect.signature(type(model).__call__).parameters
-    train = params.get("train")
-    if (
-        train is None
-        or train.kind is not inspect.Parameter.KEYWORD_ONLY
-        or train.default is not inspect.Parameter.empty
-    ):
-        raise TypeError(
-            f"{type(model).__name__}.__call__ must take a keyword-only `train: bool` argument "
-            "with no default (e.g. `def __call__(self, x, *, train: bool)`) so that "
-            "BatchNorm's mode is explicit at every call site."
-        )
-    if "mask" not in params:
-        raise TypeError(
-            f"{type(model).__name__}.__call__ must accept `mask=None` and pass it to its "
-            "BatchNorm layers, so padded examples do not enter the batch statistics."
-        )

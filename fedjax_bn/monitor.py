@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_bn.algorithms.base import Algorithm, FedState, model_parts
+from fedjax_bn.algorithms.base import Algorithm, FedState, model_parts, task_of
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.policy import bn_module_paths, bn_moment_paths, merge
+from fedjax_bn.task import as_task
 from fedjax_bn.tree import Variables, flatten, is_integer_leaf
 
 Array = jax.Array
@@ -98,7 +98,7 @@ def mean_over_layers(per_layer: dict[str, Array]) -> Array:
     return jnp.mean(jnp.stack(list(per_layer.values())))
 
 
-def probe_batch_stats(model: nn.Module, variables: Variables, x_B: Array, mask_B: Array) -> Any:
+def probe_batch_stats(model: Any, variables: Variables, x_B: Array, mask_B: Array) -> Any:
     """The batch statistics (mean, biased var) every BN layer computes on ``x_B`` in train mode.
 
     Read out of the model's own running-statistics update, whatever each layer's momentum ``m``:
@@ -112,12 +112,12 @@ def probe_batch_stats(model: nn.Module, variables: Variables, x_B: Array, mask_B
 
     def run(fill: float) -> Any:
         filled = jax.tree.map(lambda s: jnp.full_like(s, fill), stats)
-        _, updates = model.apply(
+        _, updates = as_task(model).apply(
             {**variables, "batch_stats": filled},
             x_B,
             train=True,
             mask=mask_B,
-            mutable=["batch_stats"],
+            rng=jax.random.key(0),
         )
         return updates["batch_stats"]
 
@@ -140,9 +140,9 @@ def probe_batches(train: ClientArrays, size: int) -> tuple[Array, Array]:
     if size < 1:
         raise ValueError(f"probe size must be >= 1, got {size}.")
     positions = jnp.arange(size)
-    idx = jnp.minimum(positions, train.x.shape[1] - 1)
+    idx = jnp.minimum(positions, train.n_max - 1)
     mask_CB = positions[None, :] < jnp.asarray(train.n)[:, None]  # n[c] <= N_max
-    return jnp.take(train.x, idx, axis=1), mask_CB
+    return jax.tree.map(lambda a: jnp.take(a, idx, axis=1), train.x), mask_CB
 
 
 def clients_probe_stats(alg: Algorithm, state: FedState, x_CB: Array, mask_CB: Array) -> Any:
@@ -156,7 +156,7 @@ def clients_probe_stats(alg: Algorithm, state: FedState, x_CB: Array, mask_CB: A
 
     def one(local: Variables, x_B: Array, mask_B: Array) -> Any:
         variables = merge(parts.shared, parts.pooled, local)
-        return probe_batch_stats(alg.model, variables, x_B, mask_B)
+        return probe_batch_stats(task_of(alg), variables, x_B, mask_B)
 
     return jax.vmap(one)(parts.local, x_CB, mask_CB)
 

@@ -33,18 +33,18 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_bn import policy as policy_lib
 from fedjax_bn.aggregate import pooled_moments
-from fedjax_bn.algorithms.base import Algorithm, FedState, model_parts
+from fedjax_bn.algorithms.base import Algorithm, FedState, model_parts, task_of
 from fedjax_bn.algorithms.fedavg import ClientState, Message, ServerState, make_algorithm
 from fedjax_bn.client import ClientMetrics
 from fedjax_bn.data import ClientArrays, FederatedData
 from fedjax_bn.evaluate import Metrics, evaluate_global
+from fedjax_bn.task import as_task
 from fedjax_bn.tree import Path, Variables, flatten, unflatten
 
 Array = jax.Array
@@ -90,42 +90,36 @@ def pool(moments: list[Moments]) -> Moments:
 
 
 def bn_input_moments(
-    model: nn.Module, variables: Variables, x_B: Array, mask_B: Array | None
+    model: Any, variables: Variables, x_B: Any, mask_B: Array | None
 ) -> LayerMoments:
-    """Every BN layer's input moments on one batch, in a train-mode forward pass (jittable).
+    """Every BN layer's input moments on one batch, in a train-mode forward pass (jittable;
+    ``model``: a Linen or NNX model or a :class:`~fedjax_bn.task.Task`).
 
     A layer called several times in one pass gets the moments of all its calls' inputs.
     """
     seen: dict[Path, list[Moments]] = {}
 
-    def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
-        module = context.module
-        if isinstance(module, nn.BatchNorm) and context.method_name == "__call__":
-            path = tuple(module.path)
-            seen.setdefault(path, []).append(
-                masked_moments(args[0], kwargs.get("mask"), module.axis)
-            )
-        return next_fun(*args, **kwargs)
+    def record(path: Path, x: Array, mask: Array | None, axis: Any) -> None:
+        seen.setdefault(path, []).append(masked_moments(x, mask, axis))
 
-    with nn.intercept_methods(interceptor):
-        model.apply(variables, x_B, train=True, mask=mask_B, mutable=["batch_stats"])
+    as_task(model).adapter.record_bn_inputs(record, variables, x_B, mask_B)
     return {p: ms[0] if len(ms) == 1 else pool(ms) for p, ms in seen.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _batch_moments(
-    model: nn.Module, variables: Variables, x_CN: Array, n_C: Array, cs: Array, batch_size: int
+    model: Any, variables: Variables, x_CN: Any, n_C: Array, cs: Array, batch_size: int
 ) -> LayerMoments:
     """:func:`bn_input_moments` of client ``c``'s examples ``[s, s + batch_size)``."""
     c, start = cs[0], cs[1]
     idx_B = start + jnp.arange(batch_size)
     mask_B = idx_B < n_C[c]
-    x_B = jnp.take(x_CN[c], jnp.minimum(idx_B, x_CN.shape[1] - 1), axis=0)
+    x_B = jax.tree.map(lambda a: jnp.take(a[c], jnp.minimum(idx_B, a.shape[1] - 1), axis=0), x_CN)
     return bn_input_moments(model, variables, x_B, mask_B)
 
 
 def client_moments(
-    model: nn.Module, variables: Variables, train: ClientArrays, c: int, batch_size: int
+    model: Any, variables: Variables, train: ClientArrays, c: int, batch_size: int
 ) -> LayerMoments | None:
     """What client ``c`` sends: per BN layer, its moments over all its real training examples
     (batch moments pooled by counts); None for a client with no examples."""
@@ -172,7 +166,9 @@ def recalibrate_bn(
             f"{alg.name!r} has policy {alg.policy!r}, whose statistics are per client."
         )
     variables = policy_lib.global_variables(alg.policy, *parts, train.n)
-    sent = [client_moments(alg.model, variables, train, c, batch_size) for c in range(len(train.n))]
+    sent = [
+        client_moments(task_of(alg), variables, train, c, batch_size) for c in range(len(train.n))
+    ]
     sent = [m for m in sent if m is not None]
     if not sent:
         raise ValueError("recalibrate_bn: no client has training examples.")
@@ -204,7 +200,7 @@ def evaluate_recalibrated(
 
 
 def fedavg_batch_stats_only(
-    model: nn.Module, client_tx: optax.GradientTransformation, **kw: Any
+    model: Any, client_tx: optax.GradientTransformation, **kw: Any
 ) -> Algorithm:
     """FedAvg with BN on batch statistics only (``track_running_stats=False`` style).
 

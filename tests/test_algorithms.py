@@ -388,12 +388,13 @@ class NoMask(nn.Module):
 
 
 def test_make_algorithm_validates() -> None:
-    """Models that hide BN's mode, bad mu, policy, client count, executor, batch size."""
-    for model in (NoTrain(), PositionalTrain()):
-        with pytest.raises(TypeError, match="keyword-only `train"):
-            fb.make_algorithm(model, sgd(), policy="fedavg")
-    with pytest.raises(TypeError, match="mask"):
-        fb.fedbn(NoMask(), sgd())
+    """A model without a mode parameter, bad mu, policy, client count, executor, batch size;
+    a positional-or-keyword ``train`` and a model without ``mask`` are accepted (the library
+    passes the mode by keyword and masks BatchNorm itself, ``tests/test_task.py``)."""
+    with pytest.raises(TypeError, match="train_kw"):
+        fb.make_algorithm(NoTrain(), sgd(), policy="fedavg")
+    for model in (PositionalTrain(), NoMask()):
+        assert fb.make_algorithm(model, sgd(), policy="fedbn").task.adapter.train_kw == "train"
     with pytest.raises(ValueError, match="mu must be >= 0"):
         fb.fedprox(MODEL, sgd(), -0.1)
     with pytest.raises(ValueError, match="valid policies"):

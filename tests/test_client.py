@@ -22,6 +22,7 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fedjax_bn as fb
 from fedjax_bn import client as client_lib
 from fedjax_bn.client import LocalTraining
 from fedjax_bn.execution import client_update
@@ -61,7 +62,7 @@ def test_train_mode_updates_batch_stats_eval_mode_does_not(variables: Variables,
     for bn_train in (True, False):
         spec, step = jitted_step(bn_train)
         state = client_lib.init_state(spec, variables)
-        new = step({}, state, x, y, mask)
+        new = step({}, state, client_lib.Batch(x, y, mask))
         old_stats, new_stats = variables["batch_stats"], new.variables["batch_stats"]
         moved = jax.tree.leaves(
             jax.tree.map(lambda a, b: bool(jnp.any(a != b)), old_stats, new_stats)
@@ -90,8 +91,8 @@ def test_padded_examples_change_nothing(
     mask = np.zeros(2 * B, bool)
     mask[real] = True
     state = client_lib.init_state(spec, variables)
-    padded = step({}, state, x, y, jnp.asarray(mask))
-    plain = step({}, state, x[np.sort(real)], y[np.sort(real)], jnp.ones(B, bool))
+    padded = step({}, state, client_lib.Batch(x, y, jnp.asarray(mask)))
+    plain = step({}, state, client_lib.Batch(x[np.sort(real)], y[np.sort(real)], jnp.ones(B, bool)))
     assert_trees_close(padded, plain, rtol=1e-4, atol=1e-5)
     assert int(padded.count) == B
 
@@ -101,7 +102,7 @@ def test_fully_masked_step_is_a_no_op(variables: Variables) -> None:
     spec, step = jitted_step(True)
     x, y = batch(0, 2 * B)
     state = client_lib.init_state(spec, variables)
-    assert_trees_equal(step({}, state, x, y, jnp.zeros(2 * B, bool)), state)
+    assert_trees_equal(step({}, state, client_lib.Batch(x, y, jnp.zeros(2 * B, bool))), state)
 
 
 @functools.cache
@@ -112,7 +113,11 @@ def prox_grads(policy: str) -> Any:
 
     def grads(params, rest, anchor, x, y, mask):
         g = [
-            jax.grad(lambda p, s=s: client_lib.loss_fn(s, p, rest, anchor, x, y, mask)[0])(params)
+            jax.grad(
+                lambda p, s=s: client_lib.loss_fn(s, p, rest, anchor, client_lib.Batch(x, y, mask))[
+                    0
+                ]
+            )(params)
             for s in (plain, prox)
         ]
         return tuple(g)
@@ -159,10 +164,12 @@ def test_prox_term_hand_computed() -> None:
 
 
 def test_masked_cross_entropy_hand_computed() -> None:
-    """CE sums and correct counts over unmasked rows only."""
+    """The default task's CE sum and correct count over unmasked rows only."""
     logits = jnp.array([[0.0, 0.0, 0.0], [0.0, 5.0, 0.0], [9.0, 0.0, 0.0]])
     y = jnp.array([0, 1, 1])
-    ce, correct = client_lib.masked_cross_entropy(logits, y, jnp.array([True, True, False]))
+    task = fb.make_task(tiny_cnn())
+    ce, sums = client_lib.batch_sums(task, logits, y, jnp.array([True, True, False]))
+    correct = sums["accuracy"]
     want_ce = np.log(3.0) + (np.log(np.exp(5.0) + 2.0) - 5.0)
     np.testing.assert_allclose(ce, want_ce, rtol=1e-6)
     assert int(correct) == 2  # row 0 (tie -> argmax 0) and row 1; row 2 is masked

@@ -33,7 +33,8 @@ class DefaultTrain(nn.Module):
     def __call__(
         self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None
     ) -> jax.Array:
-        return nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x.reshape((x.shape[0], -1)))
+        return nn.Dense(NUM_CLASSES)(x)
 
 
 class DenseOnly(nn.Module):
@@ -45,12 +46,15 @@ class DenseOnly(nn.Module):
         return nn.Dense(NUM_CLASSES)(nn.relu(nn.Dense(8)(x)))
 
 
-def test_train_with_a_default_is_refused() -> None:
-    """``train: bool = False`` would let a call site forget BN's mode: a TypeError."""
-    with pytest.raises(TypeError, match="train"):
-        fb.make_algorithm(DefaultTrain(), sgd(), policy="fedavg")
-    with pytest.raises(TypeError, match="train"):
-        fb.fedbn(DefaultTrain(), sgd())
+def test_a_wrong_train_default_cannot_put_local_training_in_eval_mode() -> None:
+    """``train: bool = False`` (the seed's bug as a default): the library states the mode at
+    every call, so local training still computes batch statistics and updates running ones."""
+    alg = fb.fedbn(DefaultTrain(), sgd())
+    train = fb.data.from_client_arrays(*client_data(0, (5, 3), (4, 2)), num_classes=NUM_CLASSES)
+    state = alg.init(jax.random.key(0), SAMPLE_X, train.num_clients)
+    state, _ = fb.make_round(alg, batch_size=4)(state, train.train, jax.random.key(1))
+    means = np.asarray(state.clients.local["batch_stats"]["BatchNorm_0"]["mean"])
+    assert np.all(np.any(means != 0, axis=tuple(range(1, means.ndim))))
 
 
 def client_data(seed: int, train_sizes: tuple[int, ...], test_sizes: tuple[int, ...]) -> Any:

@@ -19,6 +19,7 @@ def test_config_is_the_reported_setting() -> None:
     assert (c.optim.name, c.optim.lr, c.optim.weight_decay) == ("adam", 5e-4, 1e-4)
     assert (c.rounds, c.mu, c.model.name) == (75, 1e-3, "seed_cnn")
     assert set(c.algorithms) == {"fedprox_bn_eval", "fedprox", "fedavg", "fedbn", "fedbn_prox"}
+    assert (c.augment, c.loss) == ("cifar", "cross_entropy")  # standard CIFAR augmentation
 
 
 def test_shrunk_seed_run_on_mock_cifar100(tmp_path: Path) -> None:

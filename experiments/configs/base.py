@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     # jax's persistent compilation cache: runs sharing programs (and every later invocation)
     # skip most of the first round's compilation. Empty: disabled.
     c.compilation_cache = "~/.cache/fedjax_bn/jax"
+    c.augment = ""  # training-batch augment: "" (none) | crop | flip | cifar (pad-4 crop + flip)
+    c.loss = "cross_entropy"  # cross_entropy | label_smoothing (config.label_smoothing)
+    c.label_smoothing = 0.1  # label_smoothing loss: mass spread uniformly over all classes
 
     c.data = ml_collections.ConfigDict()
     c.data.num_clients = 10  # clients the data is split among
@@ -67,11 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_test = 0  # tfds sources: keep this many test examples (0: all)
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "seed_cnn"  # seed_cnn | digit_model
+    c.model.name = "seed_cnn"  # seed_cnn | digit_model | resnet18
     c.model.widths = (32, 64)  # seed_cnn: conv+BN+ReLU block widths
     c.model.hidden = 128  # seed_cnn: first FC layer width
     c.model.conv_widths = (64, 64, 128)  # digit_model
     c.model.fc_widths = (2048, 512)  # digit_model
+    c.model.num_filters = 64  # resnet18: width of the first stage
     c.model.momentum = 0.9  # BN running-statistics momentum
     # Normalization layers: batch (BatchNorm, the default) | group (GroupNorm, min(32, C)
     # groups) | layer (LayerNorm) | none (no norm, weight-standardized convs, as FedWon).

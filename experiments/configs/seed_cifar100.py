@@ -1,10 +1,16 @@
-"""The setting of the original bug report, exactly: FedProx on CIFAR-100 with a BN model.
+"""The setting of the original bug report, plus standard augmentation: FedProx on CIFAR-100.
 
 CIFAR-100 through tensorflow-datasets, 10 parties, Dirichlet label skew beta=0.5, SeedCNN
 (conv+BN+ReLU feature extractor, 2 FC layers), Adam lr 5e-4 with weight decay 1e-4 (coupled L2,
 as torch's ``Adam(weight_decay=)``), 75 rounds, FedProx mu=0.001. Variants run side by side:
 FedProx with BN in eval mode during training (the bug), FedProx (the fix), FedAvg, FedBN and
 FedBN + prox. The executor is ``auto``: vmapped clients on GPU/TPU, sequential on CPU.
+
+Training batches get the standard CIFAR augmentation (``augment = "cifar"``: a random 32x32
+crop of the 4-pixel zero-padded image, then a random horizontal flip; evaluation sees the images
+as they are). The model is the reported SeedCNN; ``--config.model.name=resnet18`` trains a
+ResNet-18 instead (flax-examples style, CIFAR stem; ``--config.model.num_filters`` sets its
+width).
 
 Run (after preparing CIFAR-100 into ``--config.data.data_dir``, see README):
 ``python -m experiments.run --config=experiments/configs/seed_cifar100.py``
@@ -34,5 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.name = "seed_cnn"
     c.model.widths = (64, 128, 256)
     c.model.hidden = 256
+    c.augment = "cifar"  # standard CIFAR training augmentation: pad-4 random crop + flip
     c.eval_batch_size = 1000
     return c

@@ -9,6 +9,7 @@ from fedjax_bn.algorithms.base import (
     client_variables,
     init_variables,
     model_parts,
+    task_of,
 )
 from fedjax_bn.algorithms.fedavg import (
     ClientState,
@@ -45,6 +46,7 @@ __all__ = [
     "fedyogi",
     "fixbn",
     "init_variables",
+    "task_of",
     "make_algorithm",
     "model_parts",
     "scaffold",

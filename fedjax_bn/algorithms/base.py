@@ -36,12 +36,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from fedjax_bn.client import Batch, ClientMetrics
 from fedjax_bn.policy import Parts, Policy, merge
+from fedjax_bn.task import Task, as_task
 from fedjax_bn.tree import Variables, check_same_structure
 
 Array = jax.Array
@@ -60,7 +60,7 @@ class Algorithm(NamedTuple):
 
     name: str
     policy: Policy
-    model: nn.Module
+    model: Any  # the user's model (Linen or NNX); calls go through task_of(alg)
     init: Callable[[Any, Array, int], FedState]
     client_init: Callable[[Any, Any], Any]
     client_step: Callable[[Any, Batch], Any]
@@ -68,6 +68,11 @@ class Algorithm(NamedTuple):
     server_update: Callable[[Any, Any, Array], Any]
     local: Any = None  # the LocalTraining spec where the algorithm has one (models, tests)
     stages: tuple[tuple[int, Any], ...] = ()  # ((first_round, Algorithm), ...), see above
+
+    @property
+    def task(self) -> Task:
+        """The task (model, loss, metrics, augmentation) every call goes through."""
+        return task_of(self)
 
 
 def stage_at(alg: Algorithm, round_: Any) -> tuple[int, Algorithm]:
@@ -80,19 +85,27 @@ def stage_at(alg: Algorithm, round_: Any) -> tuple[int, Algorithm]:
     return index, alg.stages[index][1]
 
 
-def init_variables(model: nn.Module, rng_or_variables: Any, sample_x: Array) -> Variables:
-    """The starting model: ``model.init(rng)``, or given variables checked against its shapes."""
+def init_variables(model: Any, rng_or_variables: Any, sample_x: Any) -> Variables:
+    """The starting model: ``task.init(rng)`` (a Linen init in eval mode; an NNX module's own
+    values), or given variables checked against its shapes."""
+    task = as_task(model)
     if isinstance(rng_or_variables, Mapping):
-        want = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample_x)
+        want = jax.eval_shape(lambda x: task.init(jax.random.key(0), x), sample_x)
         given = jax.tree.map(jnp.asarray, dict(rng_or_variables))
         check_same_structure(dict(want), given, "given starting variables")
         return given
+    if getattr(task.adapter, "is_nnx", False):  # values already exist: nothing to compile
+        return task.init(rng_or_variables, sample_x)
     # One compiled program: an eager init would compile every layer's ops one by one (~45).
     # jit(compiler_options=), not lower().compile(): callers trace alg.init too (eval_shape).
-    init = jax.jit(
-        lambda rng, x: model.init(rng, x, train=False), compiler_options=init_compiler_options()
-    )
+    init = jax.jit(task.init, compiler_options=init_compiler_options())
     return jax.tree.map(jnp.asarray, dict(init(rng_or_variables, sample_x)))
+
+
+def task_of(alg: Algorithm) -> Task:
+    """The task ``alg`` trains and evaluates through (its local spec's, else the default one
+    for ``alg.model``)."""
+    return alg.local.task if alg.local is not None else as_task(alg.model)
 
 
 INIT_OPT_LEVEL = 2  # XLA:CPU LLVM level of the init program (the default is 3)

@@ -10,6 +10,7 @@ keep their value and dtype.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -26,7 +27,6 @@ from fedjax_bn.algorithms.base import (
     init_variables,
 )
 from fedjax_bn.client import Batch, ClientMetrics, LocalState, LocalTraining
-from fedjax_bn.models import require_train_keyword
 from fedjax_bn.policy import (
     BN_STATS,
     BnStats,
@@ -38,6 +38,7 @@ from fedjax_bn.policy import (
     pool_batch_stats,
     with_leaves,
 )
+from fedjax_bn.task import Augment, PerExample, make_task
 from fedjax_bn.tree import Variables, check_same_structure, repeat_clients
 
 Array = jax.Array
@@ -126,6 +127,10 @@ def make_algorithm(
     clip_norm: float | None = None,
     normalize: str | None = None,
     name: str | None = None,
+    loss: PerExample | None = None,
+    metrics: Mapping[str, PerExample] | None = None,
+    augment: Augment | None = None,
+    train_kw: str = "train",
 ) -> Algorithm:
     """Build an algorithm from a BN policy (``policy.py``) and local/server options.
 
@@ -139,9 +144,16 @@ def make_algorithm(
     the shared float parameters is scaled to at most this L2 norm before averaging (a guard
     against exploding clients, next to the executors' NaN quarantine). ``normalize="fednova"``:
     FedNova's normalized averaging of the shared float parameters (``algorithms/fednova.py``).
+
+    The task (``fedjax_bn.task``): ``model`` is a Linen module as written (its mode parameter,
+    ``train`` or ``train_kw``, is passed by keyword at every call whatever its default) or an
+    NNX module (its BN and dropout modes set at every call); ``loss(outputs, y) -> [B]``
+    (default: softmax cross-entropy on integer labels); ``metrics={name: fn(outputs, y) ->
+    [B]}`` (default accuracy with the default loss, none with a custom one); ``augment(key,
+    x_B) -> x_B`` runs in the jitted step on training batches only.
     """
     check_policy(policy)
-    require_train_keyword(model)
+    task = make_task(model, loss=loss, metrics=metrics, augment=augment, train_kw=train_kw)
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
     if clip_norm is not None and clip_norm <= 0:
@@ -150,11 +162,11 @@ def make_algorithm(
         raise ValueError(f"Unknown normalize {normalize!r}; valid: None, 'fednova'.")
     if bn_stats not in BN_STATS:
         raise ValueError(f"Unknown bn_stats {bn_stats!r}; valid: {', '.join(BN_STATS)}.")
-    spec = LocalTraining(model=model, tx=client_tx, mu=float(mu), bn_train=bn_train)
+    spec = LocalTraining(model=task, tx=client_tx, mu=float(mu), bn_train=bn_train)
 
     def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
         check_num_clients(num_clients)
-        variables = init_variables(model, rng_or_variables, sample_x)
+        variables = init_variables(task, rng_or_variables, sample_x)
         parts = partition(variables, policy)
         opt = client_tx.init(variables["params"]) if persist_client_optimizer else None
         server = ServerState(parts.shared, parts.pooled, server_tx_init(server_tx, parts.shared))
@@ -167,7 +179,7 @@ def make_algorithm(
         return Carry(local, server.shared if mu else None)
 
     def client_step(carry: Carry, batch: Batch) -> Carry:
-        local = client_lib.train_step(spec, carry.anchor, carry.local, *batch)
+        local = client_lib.train_step(spec, carry.anchor, carry.local, batch)
         return carry._replace(local=local)
 
     def client_final(carry: Carry) -> tuple[Message, ClientState, ClientMetrics]:

@@ -150,7 +150,7 @@ def _fixbn_functions(
 
     def client_step(carry: FixBNCarry, batch: Batch) -> FixBNCarry:
         def step(spec: client_lib.LocalTraining) -> client_lib.LocalState:
-            return client_lib.train_step(spec, carry.base.anchor, carry.base.local, *batch)
+            return client_lib.train_step(spec, carry.base.anchor, carry.base.local, batch)
 
         if fixed is None:
             local = jax.lax.cond(carry.fixed, lambda: step(eval_spec), lambda: step(train_spec))

@@ -116,7 +116,7 @@ def scaffold(
 
     def client_step(carry: ScaffoldCarry, batch: Batch) -> ScaffoldCarry:
         local = client_lib.train_step(
-            spec, carry.base.anchor, carry.base.local, *batch, carry.correction
+            spec, carry.base.anchor, carry.base.local, batch, carry.correction
         )
         return carry._replace(base=carry.base._replace(local=local))
 

@@ -1,5 +1,6 @@
 """Data: digits, Fashion-MNIST and tensorflow-datasets sets, partitions, domains, batching."""
 
+from fedjax_bn.data import augment
 from fedjax_bn.data.builders import (
     digits_feature_shift,
     digits_iid,
@@ -35,6 +36,7 @@ from fedjax_bn.data.federated import (
     ClientArrays,
     FederatedData,
     check_client_labels,
+    class_ids,
     federate,
     from_client_arrays,
     pooled_test,
@@ -51,6 +53,7 @@ from fedjax_bn.data.partition import (
 from fedjax_bn.data.tfds import DatasetNotPreparedError, load_tfds, tfds_iid, tfds_label_skew
 
 __all__ = [
+    "augment",
     "DOMAINS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
@@ -72,6 +75,7 @@ __all__ = [
     "fashion_mnist_label_skew",
     "feature_shift",
     "check_client_labels",
+    "class_ids",
     "federate",
     "from_client_arrays",
     "flip",

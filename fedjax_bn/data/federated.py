@@ -1,38 +1,70 @@
 """The federated data set type: clients stacked and zero-padded, built from index parts or
-from per-client arrays the user already has."""
+from per-client arrays the user already has.
+
+Inputs ``x`` and labels ``y`` are arrays or pytrees of arrays (dicts, tuples): e.g.
+``x = {"image": [N, H, W, 3], "meta": [N, 4]}`` or token ids plus a padding mask, and ``y``
+class ids ``[N]``, floats (regression), multi-hot ``[N, K]`` or a pytree. Every leaf has the
+example axis first (and, once stacked, the client axis before it); the model receives ``x`` as
+stored. Class ids (``y`` one integer array ``[N]``, or the array a ``labels=`` argument selects)
+are what ``num_classes`` checks and label skew partitions by.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import numpy as np
 
+Tree = Any  # an array, or a pytree (dict, tuple, ...) of arrays
+# Where class ids are (see ``class_ids``): None, a callable of y, a key or index of y, an array.
+Labels = Any
+
 
 @flax.struct.dataclass
 class ClientArrays:
-    """Per-client arrays stacked along a leading client axis, zero-padded to ``N_max``."""
+    """Per-client arrays stacked along a leading client axis, zero-padded to ``N_max``.
 
-    x: jax.Array  # [C, N_max, H, W, Ch], any dtype, zero past each client's size
-    y: jax.Array  # [C, N_max] int32, zero past each client's size
+    ``x`` and ``y`` are arrays or pytrees of arrays, every leaf ``[C, N_max, ...]``.
+    """
+
+    x: Tree  # leaves [C, N_max, ...] (e.g. images [C, N_max, H, W, Ch]), zero past n[c]
+    y: Tree  # leaves [C, N_max, ...]: int32 when integer (class ids [C, N_max]), zero past n[c]
     n: jax.Array  # [C] int32 true sizes
 
-    def client(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        """Client ``c``'s real examples ``(x, y)`` as host arrays. The row is read whole and
-        cut on the host: slicing ``x[c, :n_c]`` on a device array compiles one program per
-        distinct size ``n_c``, a row read one per array shape."""
+    @property
+    def n_max(self) -> int:
+        """The padded number of examples per client: axis 1 of y's leaves (else x's)."""
+        leaves = jax.tree.leaves(self.y) or jax.tree.leaves(self.x)
+        return int(leaves[0].shape[1])
+
+    def client(self, c: int) -> tuple[Tree, Tree]:
+        """Client ``c``'s real examples ``(x, y)`` as host pytrees (numpy leaves). Each leaf's
+        row is read whole and cut on the host: slicing ``x[c, :n_c]`` on a device array
+        compiles one program per distinct size ``n_c``, a row read one per array shape."""
         n = int(np.asarray(jax.device_get(self.n))[c])
-        return np.asarray(self.x[c])[:n], np.asarray(self.y[c])[:n]
+
+        def cut(a: Any) -> np.ndarray:
+            return np.asarray(a[c])[:n]
+
+        return jax.tree.map(cut, self.x), jax.tree.map(cut, self.y)
+
+    def sample_x(self, k: int = 1) -> Tree:
+        """Client 0's first ``k`` example slots of ``x`` (``x[0, :k]`` leaf by leaf, left where
+        the arrays live), e.g. for a model's init; slots past client 0's size are padding."""
+        return jax.tree.map(lambda a: a[0, :k], self.x)
 
 
 @flax.struct.dataclass
 class FederatedData:
-    """Train and test arrays of every client, plus static metadata."""
+    """Train and test arrays of every client, plus static metadata. ``num_classes`` is None
+    for data without class ids (regression, multi-hot labels without a stated K, ...)."""
 
     train: ClientArrays
     test: ClientArrays
-    num_classes: int = flax.struct.field(pytree_node=False)
+    num_classes: int | None = flax.struct.field(pytree_node=False)
     domains: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
     @property
@@ -45,30 +77,138 @@ class FederatedData:
         return np.asarray(jax.device_get(self.train.n))
 
 
-def stack_clients(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> ClientArrays:
-    """Stacks per-client (x, y) into padded ``ClientArrays``; N_max >= 1 even if all empty."""
+def _as_tree(v: Any) -> Tree:
+    """``v`` with numpy leaves; a (nested) list of plain numbers is one array, as
+    ``np.asarray`` reads it (a list of arrays stays a pytree)."""
+    if isinstance(v, list) and not any(hasattr(a, "shape") for a in jax.tree.leaves(v)):
+        return np.asarray(v)
+    return jax.tree.map(np.asarray, v)
+
+
+def _named_leaves(tree: Tree, name: str) -> list[tuple[str, Any]]:
+    """``(name + path, leaf)`` for each leaf, e.g. ``("x['image']", a)``; ``name`` for an array."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(name + jax.tree_util.keystr(path), leaf) for path, leaf in flat]
+
+
+def _num_rows(*named: tuple[str, Tree], where: str = "") -> int:
+    """The common leading-axis size of every leaf of the named trees; a ValueError naming the
+    leaves when they differ or a leaf has no example axis."""
+    leaves = [nl for name, tree in named for nl in _named_leaves(tree, name)]
+    if not leaves:
+        raise ValueError(f"{where}{' and '.join(n for n, _ in named)} hold no arrays.")
+    for name, a in leaves:
+        if np.ndim(a) == 0:
+            raise ValueError(f"{where}{name} is a scalar; every leaf needs the example axis first.")
+    first, rows = leaves[0][0], np.shape(leaves[0][1])[0]
+    for name, a in leaves[1:]:
+        if np.shape(a)[0] != rows:
+            raise ValueError(
+                f"{where}{first} has {rows} rows but {name} has {np.shape(a)[0]}; every leaf "
+                "needs one row per example."
+            )
+    return int(rows)
+
+
+def _is_class_ids(y: Tree, ndim: int = 1) -> bool:
+    """Whether ``y`` is one integer array of ``ndim`` axes (class ids, one per example)."""
+    return (
+        isinstance(y, np.ndarray | jax.Array)
+        and y.ndim == ndim
+        and np.issubdtype(y.dtype, np.integer)
+    )
+
+
+def _select(y: Tree, labels: Labels) -> Any:
+    if callable(labels):
+        return labels(y)
+    if isinstance(labels, str | int) and not isinstance(labels, bool):
+        return y[labels]
+    return labels
+
+
+def class_ids(y: Tree, labels: Labels = None) -> np.ndarray | None:
+    """The class ids (an integer array ``[N]``) of one split's labels ``y``, or None.
+
+    ``labels`` says where they are: None -- ``y`` itself when it is one integer array ``[N]``
+    (float, multi-hot and pytree labels have none: None comes back); a callable --
+    ``labels(y)``; a ``str``/``int`` key -- ``y[labels]`` (a dict's key, a tuple's position);
+    an array -- the class ids themselves. A selection that is not ``[N]`` integers raises.
+    """
+    y = _as_tree(y)
+    if labels is None:
+        return y if _is_class_ids(y) else None
+    ids = np.asarray(_select(y, labels))
+    leaves = jax.tree.leaves(y)
+    rows = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else len(ids)
+    if not _is_class_ids(ids) or len(ids) != rows:
+        raise ValueError(
+            f"labels= must give one integer class id per example (shape [{rows}]), got "
+            f"{ids.dtype} {ids.shape}."
+        )
+    return ids
+
+
+def _stacked_dtype(leaves: Sequence[np.ndarray], is_y: bool) -> np.dtype:
+    """x: the clients' common dtype. y: the common dtype of the non-empty clients' leaves
+    (an empty ``np.array([])`` must not turn int labels into floats), int32 when integer;
+    1-D labels of clients that are all empty are class ids, int32, as before, unless given a
+    float dtype other than ``np.array([])``'s float64."""
+    if not is_y:
+        return np.result_type(*[a.dtype for a in leaves])
+    real = [a.dtype for a in leaves if a.shape[0]]
+    dtype = np.result_type(*(real or [a.dtype for a in leaves]))
+    if not real and all(a.ndim == 1 for a in leaves) and dtype == np.float64:
+        return np.dtype(np.int32)
+    return np.dtype(np.int32) if np.issubdtype(dtype, np.integer) else dtype
+
+
+def stack_clients(xs: Sequence[Tree], ys: Sequence[Tree]) -> ClientArrays:
+    """Stacks per-client (x, y) into padded ``ClientArrays``; N_max >= 1 even if all empty.
+
+    ``xs[c]`` and ``ys[c]`` are arrays or pytrees of arrays with one structure for every
+    client; every leaf of client c has ``n_c`` rows, and a leaf's per-example shape is the same
+    for every client. Each leaf becomes ``[C, N_max, ...]``, zero past ``n_c``: x leaves in the
+    clients' common dtype, y leaves too except integer ones, int32 (class ids as before).
+    """
     if len(xs) != len(ys) or not xs:
         raise ValueError(
             f"need the same, non-zero number of x and y arrays, got {len(xs)} and {len(ys)}."
         )
-    xs = [np.asarray(x) for x in xs]
-    ys = [np.asarray(y) for y in ys]
+    xs = [_as_tree(x) for x in xs]
+    ys = [_as_tree(y) for y in ys]
+    defs = (jax.tree.structure(xs[0]), jax.tree.structure(ys[0]))
     for c, (x, y) in enumerate(zip(xs, ys, strict=True)):
-        if x.shape[0] != y.shape[0] or y.ndim != 1:
-            raise ValueError(f"client {c}: x has {x.shape[0]} rows but y has shape {y.shape}.")
-        if x.shape[1:] != xs[0].shape[1:]:
-            raise ValueError(
-                f"client {c}: example shape {x.shape[1:]} differs from client 0's "
-                f"{xs[0].shape[1:]}; all clients must share one example shape."
-            )
-    n = np.array([x.shape[0] for x in xs], dtype=np.int32)
+        for name, tree, want in (("x", x, defs[0]), ("y", y, defs[1])):
+            if jax.tree.structure(tree) != want:
+                raise ValueError(
+                    f"client {c}: {name} has structure {jax.tree.structure(tree)} but client "
+                    f"0's is {want}; every client needs the same pytree structure."
+                )
+    pairs = enumerate(zip(xs, ys, strict=True))
+    n = np.array([_num_rows(("x", x), ("y", y), where=f"client {c}: ") for c, (x, y) in pairs])
+    n = n.astype(np.int32)
     n_max = max(1, int(n.max()))
-    dtype = np.result_type(*[x.dtype for x in xs])
-    x_out = np.zeros((len(xs), n_max, *xs[0].shape[1:]), dtype=dtype)
-    y_out = np.zeros((len(xs), n_max), dtype=np.int32)
-    for c, (x, y) in enumerate(zip(xs, ys, strict=True)):
-        x_out[c, : x.shape[0]] = x
-        y_out[c, : y.shape[0]] = y
+
+    def stack(trees: list[Tree], name: str) -> Tree:
+        per_client = [_named_leaves(t, name) for t in trees]
+        out = []
+        for i, (path, first) in enumerate(per_client[0]):
+            leaves = [leaves[i][1] for leaves in per_client]
+            for c, a in enumerate(leaves):
+                if a.shape[1:] != first.shape[1:]:
+                    raise ValueError(
+                        f"client {c}: {path} has example shape {a.shape[1:]} but client 0's "
+                        f"is {first.shape[1:]}; all clients must share one example shape."
+                    )
+            dtype = _stacked_dtype(leaves, is_y=name == "y")
+            stacked = np.zeros((len(leaves), n_max, *first.shape[1:]), dtype=dtype)
+            for c, a in enumerate(leaves):
+                stacked[c, : a.shape[0]] = a
+            out.append(stacked)
+        return jax.tree.unflatten(jax.tree.structure(trees[0]), out)
+
+    x_out, y_out = stack(xs, "x"), stack(ys, "y")
     # device_put, not jnp.asarray: jnp.asarray of a host array compiles a program per shape.
     return ClientArrays(*jax.device_put((x_out, y_out, n)))
 
@@ -94,20 +234,44 @@ def _check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
         )
 
 
+def _test_spec(labels: Labels, test_labels: Labels) -> Labels:
+    """Where the test split's class ids are: ``test_labels``, else ``labels`` when it is a key
+    or callable (it selects from either split's y); an array of train ids says nothing."""
+    if test_labels is not None:
+        return test_labels
+    return labels if callable(labels) or isinstance(labels, str | int) else None
+
+
+def _require_num_classes(num_classes: int | None) -> int:
+    if num_classes is None:
+        raise ValueError(
+            "the labels are class ids (y one integer array, or labels= given): pass "
+            "num_classes= (the model's number of outputs)."
+        )
+    return num_classes
+
+
 def federate(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
+    x_train: Tree,
+    y_train: Tree,
     train_parts: Sequence[np.ndarray],
-    x_test: np.ndarray,
-    y_test: np.ndarray,
+    x_test: Tree,
+    y_test: Tree,
     test_parts: Sequence[np.ndarray],
     *,
-    num_classes: int,
-    transforms: Sequence[Callable[[np.ndarray], np.ndarray]] | None = None,
+    num_classes: int | None,
+    transforms: Sequence[Callable[[Tree], Tree]] | None = None,
     domains: tuple[str, ...] = (),
+    labels: Labels = None,
+    test_labels: Labels = None,
 ) -> FederatedData:
-    """Builds ``FederatedData`` from index parts; ``transforms[c]`` maps client c's images.
+    """Builds ``FederatedData`` from index parts; ``transforms[c]`` maps client c's ``x``
+    (its images; the pytree as stored when ``x`` is one).
 
+    ``x``/``y`` are arrays or pytrees of arrays with the example axis first. When there are
+    class ids (``y`` one integer array, or where ``labels``/``test_labels`` say, see
+    ``class_ids``; a key or callable ``labels`` serves both splits) they must lie in
+    ``[0, num_classes)``; ``num_classes`` may be None for data without class ids.
     Every client needs at least one train example; test parts may be empty.
     """
     if len(train_parts) != len(test_parts):
@@ -125,16 +289,27 @@ def federate(
             f"clients {empty} have no train examples; every client needs >= 1 (use a "
             "min_size in the partition, a larger alpha, or fewer clients)."
         )
-    _check_labels(y_train, num_classes, "train")
-    _check_labels(y_test, num_classes, "test")
-    _check_parts(train_parts, len(x_train), "train")
-    _check_parts(test_parts, len(x_test), "test")
+    x_train, y_train, x_test, y_test = (_as_tree(a) for a in (x_train, y_train, x_test, y_test))
+    num_train = _num_rows(("x", x_train), ("y", y_train), where="train: ")
+    num_test = _num_rows(("x", x_test), ("y", y_test), where="test: ")
+    for what, y, spec, num in (
+        ("train", y_train, labels, num_train),
+        ("test", y_test, _test_spec(labels, test_labels), num_test),
+    ):
+        ids = class_ids(y, spec)
+        if ids is not None:
+            if ids.shape[0] != num:
+                raise ValueError(f"{what}: {ids.shape[0]} class ids for {num} examples.")
+            _check_labels(ids, _require_num_classes(num_classes), what)
+    _check_parts(train_parts, num_train, "train")
+    _check_parts(test_parts, num_test, "test")
 
     def split(x, y, parts):
-        xs = [np.asarray(x)[np.asarray(p, dtype=np.int64)] for p in parts]
+        idx = [np.asarray(p, dtype=np.int64) for p in parts]
+        xs = [jax.tree.map(lambda a, i=i: a[i], x) for i in idx]
         if transforms is not None:
             xs = [t(xc) for t, xc in zip(transforms, xs, strict=True)]
-        return stack_clients(xs, [np.asarray(y)[np.asarray(p, dtype=np.int64)] for p in parts])
+        return stack_clients(xs, [jax.tree.map(lambda a, i=i: a[i], y) for i in idx])
 
     return FederatedData(
         train=split(x_train, y_train, train_parts),
@@ -144,40 +319,70 @@ def federate(
     )
 
 
-def pooled_test(data: FederatedData) -> tuple[np.ndarray, np.ndarray]:
-    """The union of all clients' unpadded test examples, as host arrays (x, y)."""
+def pooled_test(data: FederatedData) -> tuple[Tree, Tree]:
+    """The union of all clients' unpadded test examples, as host pytrees (x, y)."""
     x, y, n = jax.device_get((data.test.x, data.test.y, data.test.n))
-    x_out = np.concatenate([x[c, : n[c]] for c in range(len(n))])
-    y_out = np.concatenate([y[c, : n[c]] for c in range(len(n))])
-    return x_out, y_out
+
+    def pool(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a[c, : n[c]] for c in range(len(n))])
+
+    return jax.tree.map(pool, x), jax.tree.map(pool, y)
 
 
 def from_client_arrays(
-    train_xs: Sequence[np.ndarray],
-    train_ys: Sequence[np.ndarray],
-    test_xs: Sequence[np.ndarray],
-    test_ys: Sequence[np.ndarray],
+    train_xs: Sequence[Tree],
+    train_ys: Sequence[Tree],
+    test_xs: Sequence[Tree],
+    test_ys: Sequence[Tree],
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     domains: tuple[str, ...] = (),
+    labels: Labels = None,
 ) -> FederatedData:
-    """``FederatedData`` from a partition the user already has: one (x, y) array pair per
-    client for train and for test (``x`` ``[n_c, H, W, C]``, ``y`` ``[n_c]`` integer labels).
+    """``FederatedData`` from a partition the user already has: one (x, y) pair per client
+    for train and for test. ``x`` and ``y`` are arrays or pytrees of arrays (one structure for
+    every client), every leaf ``[n_c, ...]``: e.g. ``x`` ``[n_c, H, W, C]`` or
+    ``{"image": ..., "meta": ...}``, ``y`` ``[n_c]`` integer class ids, floats, multi-hot
+    ``[n_c, K]`` or a pytree.
 
-    Every client needs at least one train example; test arrays may be empty.
+    Class ids -- ``y`` itself when it is one integer array, else what ``labels`` (a key or
+    index of ``y``, or a callable of one client's ``y``) selects -- must lie in
+    ``[0, num_classes)``, and ``num_classes`` is then required; without class ids it may be
+    None (or any count kept as metadata). Every client needs at least one train example; test
+    arrays may be empty.
     """
     if len(train_xs) != len(test_xs):
         raise ValueError(
             f"got {len(train_xs)} train clients but {len(test_xs)} test clients; "
             "give one train and one test array pair per client."
         )
-    empty = [c for c, y in enumerate(train_ys) if len(y) == 0]
+    if len(train_xs) != len(train_ys) or len(test_xs) != len(test_ys):
+        raise ValueError(
+            f"got {len(train_xs)} and {len(test_xs)} x but {len(train_ys)} and {len(test_ys)} "
+            "y (train and test); give one (x, y) pair per client."
+        )
+    if labels is not None and not (callable(labels) or isinstance(labels, str | int)):
+        raise ValueError(
+            "labels= for from_client_arrays is a key or index of each client's y, or a "
+            f"callable of it, got {type(labels).__name__}."
+        )
+    train_xs, train_ys, test_xs, test_ys = (
+        [_as_tree(a) for a in arrays] for arrays in (train_xs, train_ys, test_xs, test_ys)
+    )
+    sizes = {
+        what: [
+            _num_rows(("x", x), ("y", y), where=f"{what} client {c}: ")
+            for c, (x, y) in enumerate(zip(xs, ys, strict=True))
+        ]
+        for what, xs, ys in (("train", train_xs, train_ys), ("test", test_xs, test_ys))
+    }
+    empty = [c for c, n in enumerate(sizes["train"]) if n == 0]
     if empty:
         raise ValueError(f"clients {empty} have no train examples; every client needs >= 1.")
     for what, ys in (("train", train_ys), ("test", test_ys)):
-        nonempty = [np.asarray(y) for y in ys if len(y)]
-        if nonempty:
-            _check_labels(np.concatenate(nonempty), num_classes, what)
+        ids = [class_ids(y, labels) for y, n in zip(ys, sizes[what], strict=True) if n]
+        if ids and all(i is not None for i in ids):
+            _check_labels(np.concatenate(ids), _require_num_classes(num_classes), what)
     if domains and len(domains) != len(train_xs):
         raise ValueError(f"got {len(domains)} domain names for {len(train_xs)} clients.")
     return FederatedData(
@@ -188,13 +393,25 @@ def from_client_arrays(
     )
 
 
-def check_client_labels(arrays: ClientArrays, num_classes: int) -> None:
+def check_client_labels(
+    arrays: ClientArrays, num_classes: int | None, *, labels: Labels = None
+) -> None:
     """Raise a ValueError when a real (unpadded) label lies outside ``[0, num_classes)``.
 
-    A host check, meant to run once per data set (a bad label would otherwise train silently
-    into a NaN or meaningless model).
+    The labels checked are ``arrays.y`` when it is one integer array ``[C, N_max]`` (class
+    ids), else what ``labels`` (a key or index of ``y``, or a callable of it) selects; without
+    class ids (float, multi-hot or pytree ``y`` and no ``labels``) or ``num_classes`` there is
+    nothing to check. A host check, meant to run once per data set (a bad label would
+    otherwise train silently into a NaN or meaningless model).
     """
-    y, n = (np.asarray(a) for a in jax.device_get((arrays.y, arrays.n)))
+    y = arrays.y if labels is None else _select(arrays.y, labels)
+    if num_classes is None or not _is_class_ids(y, ndim=2):
+        if labels is not None and num_classes is not None:
+            raise ValueError(
+                f"labels= must select integer class ids [C, N_max], got {np.shape(y)}."
+            )
+        return
+    y, n = (np.asarray(a) for a in jax.device_get((y, arrays.n)))
     real = np.arange(y.shape[1])[None, :] < n[:, None]
     bad = y[real & ((y < 0) | (y >= num_classes))]
     if bad.size:

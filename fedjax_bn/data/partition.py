@@ -50,8 +50,9 @@ def _check_labels(labels: np.ndarray, num_classes: int | None) -> tuple[np.ndarr
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
-            f"labels must be a 1-D integer array, got shape {labels.shape} and dtype "
-            f"{labels.dtype}; pass class ids such as y_train.astype(int)."
+            f"labels must be a 1-D integer array of class ids, got shape {labels.shape} and "
+            f"dtype {labels.dtype}; pass class ids such as y_train.astype(int) (for float, "
+            "multi-hot or pytree y, the class ids to partition by, e.g. y['class'])."
         )
     if labels.size == 0:
         raise ValueError("labels is empty; there is nothing to partition.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,9 +74,10 @@ def valid_steps(n_c: int, n_max: int, batch_size: int, epochs: int) -> np.ndarra
     return np.array([e * spe + j for e in range(epochs) for j in range(real)], dtype=np.int64)
 
 
-def gather_batch(x_N: jax.Array, y_N: jax.Array, idx_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Gathers one batch of a client's examples by index along axis 0."""
-    return jnp.take(x_N, idx_B, axis=0), jnp.take(y_N, idx_B, axis=0)
+def gather_batch(x_N: Any, y_N: Any, idx_B: jax.Array) -> tuple[Any, Any]:
+    """Gathers one batch of a client's examples by index along axis 0 (inputs and labels may
+    be pytrees of arrays)."""
+    return jax.tree.map(lambda a: jnp.take(a, idx_B, axis=0), (x_N, y_N))
 
 
 def batches_from_order(

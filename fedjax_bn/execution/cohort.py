@@ -65,10 +65,15 @@ class CohortResult(NamedTuple):
     ``clients``: the slots' population ids, sorted; an id equal to ``N`` is an empty slot."""
 
     loss: Array
-    accuracy: Array
+    metrics: dict[str, Array]
     num_seen: Array
     quarantined: Array
     clients: Array
+
+    @property
+    def accuracy(self) -> Array:
+        """The ``accuracy`` metric (NaN where the task has none)."""
+        return self.metrics.get("accuracy", jnp.full_like(self.loss, jnp.nan))
 
 
 def size_bucket(n: int, cap: int) -> int:
@@ -158,7 +163,7 @@ class CohortRound:
         ids = self.sample(key, state.round, train)
         keep = ids < num
         sizes = tuple(int(n) for n in np.where(keep, sizes_N[np.minimum(ids, num - 1)], 0))
-        cap = int(train.x.shape[1])
+        cap = int(train.n_max)
         hi, lo = bucket_key(sizes, cap)
         self.buckets.add((hi, lo))
         cohort = store.gather_data(train, ids, hi)
@@ -168,7 +173,7 @@ class CohortRound:
         sub = FedState(state.server, clients, state.round)
         run_key = jax.random.fold_in(key, EXECUTOR_STREAM)
         budget = cohort_budget(self.inner.draw_budget(key, state.round, num), ids)
-        new, result = impl(sub, cohort, run_key, plan_sizes(sizes, hi, exact), None, budget)
+        new, result = impl(sub, cohort, run_key, plan_sizes(sizes, hi, exact), None, budget, ids)
         population = store.scatter(population, ids, new.clients, num, in_place=self.donate_state)
         out = CohortResult(*result, jnp.asarray(ids, jnp.int32))
         return FedState(new.server, population, new.round), out

@@ -16,13 +16,14 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bn.algorithms.base import Algorithm, FedState
 from fedjax_bn.budgets import budget_weights
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution.batches import budget_mask, round_batches
-from fedjax_bn.execution.loop import LocalLoop, local_steps
+from fedjax_bn.execution.loop import LocalLoop, client_keys, local_steps
 from fedjax_bn.execution.plan import Group, Plan, client_order
 from fedjax_bn.execution.quarantine import aggregate_round
 from fedjax_bn.tree import concat_clients, take_client
@@ -31,23 +32,30 @@ Array = jax.Array
 
 
 class RoundResult(NamedTuple):
-    """Per-client training metrics of one round (each ``[C]``); ``quarantined`` marks clients
-    whose update or loss was not finite (dropped from the aggregation, state not written)."""
+    """Per-client training metrics of one round (each ``[C]``): mean loss, each task metric's
+    mean (``metrics[name]``), examples seen; ``quarantined`` marks clients whose update or loss
+    was not finite (dropped from the aggregation, state not written)."""
 
     loss: Array
-    accuracy: Array
+    metrics: dict[str, Array]
     num_seen: Array
     quarantined: Array
+
+    @property
+    def accuracy(self) -> Array:
+        """The ``accuracy`` metric (NaN where the task has none)."""
+        return self.metrics.get("accuracy", jnp.full_like(self.loss, jnp.nan))
 
 
 class Inputs(NamedTuple):
     """One group's per-client inputs, every leaf with a leading client axis."""
 
     clients: Any
-    x: Array
-    y: Array
+    x: Any
+    y: Any
     idx: Array
     mask: Array
+    key: Array  # each client's base key for its step keys (``loop.client_keys``)
 
 
 # (message, client state, metrics) of a group's clients, stacked.
@@ -68,6 +76,7 @@ def run_client(alg: Algorithm, server: Any, client: Any, data: Inputs, group: Gr
         full=group.full,
         epochs=group.epochs,
         loop=loop,
+        key=data.key,
     )
     return alg.client_final(carry)
 
@@ -91,17 +100,22 @@ def run_clients(
 
 
 def group_inputs(
-    group: Group, clients: Any, train: ClientArrays, idx_CSB: Array, mask_CSB: Array
+    group: Group,
+    clients: Any,
+    train: ClientArrays,
+    idx_CSB: Array,
+    mask_CSB: Array,
+    keys_C: Array,
 ) -> Inputs:
     """The group's slice of the per-client inputs (no copy for a whole, in-order cohort)."""
     steps = np.asarray(group.steps)
     if len(steps) != idx_CSB.shape[1] or np.any(steps != np.arange(len(steps))):
         idx_CSB, mask_CSB = idx_CSB[:, steps], mask_CSB[:, steps]
     if group.clients is None:
-        return Inputs(clients, train.x, train.y, idx_CSB, mask_CSB)
+        return Inputs(clients, train.x, train.y, idx_CSB, mask_CSB, keys_C)
     sel = np.asarray(group.clients)
-    x, y = train.x[sel, : group.n_hi], train.y[sel, : group.n_hi]
-    return Inputs(take_client(clients, sel), x, y, idx_CSB[sel], mask_CSB[sel])
+    x, y = jax.tree.map(lambda a: a[sel, : group.n_hi], (train.x, train.y))
+    return Inputs(take_client(clients, sel), x, y, idx_CSB[sel], mask_CSB[sel], keys_C[sel])
 
 
 def lockstep_round(
@@ -113,10 +127,15 @@ def lockstep_round(
     key: Array,
     batches: Any = None,
     budget_C: Array | None = None,
+    ids_C: Array | None = None,
 ) -> tuple[FedState, RoundResult]:
     """A whole round, pure and jittable with ``plan`` and ``run_group`` static; ``batches``
     (``(idx, mask)`` in ``round_batches``' layout) replaces the shuffle by ``key``;
-    ``budget_C`` (``fedjax_bn.budgets``) masks each client's steps past its budget."""
+    ``budget_C`` (``fedjax_bn.budgets``) masks each client's steps past its budget; ``ids_C``:
+    the clients' population ids for their step keys (default ``arange(C)``)."""
+    if ids_C is None:
+        ids_C = jnp.arange(train.n.shape[0], dtype=jnp.int32)
+    keys_C = client_keys(key, ids_C)
     if batches is None:
         batches = round_batches(key, train.n, plan.n_max, plan.batch_size, plan.epochs)
     idx_CSB, mask_CSB = batches
@@ -128,7 +147,7 @@ def lockstep_round(
     for group in plan.groups:
         if budget_C is not None:  # a budget may cut any step: none may run unmasked
             group = dataclasses.replace(group, full=0)
-        inputs = group_inputs(group, state.clients, train, idx_CSB, mask_CSB)
+        inputs = group_inputs(group, state.clients, train, idx_CSB, mask_CSB, keys_C)
         out = run_group(group, state.server, inputs)
         if group.clients is not None and group.num_real < len(group.clients):
             out = jax.tree.map(lambda a, k=group.num_real: a[:k], out)

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fedjax_bn import budgets
-from fedjax_bn.algorithms.base import Algorithm, FedState, stage_at
+from fedjax_bn.algorithms.base import Algorithm, FedState, stage_at, task_of
 from fedjax_bn.budgets import Budget
 from fedjax_bn.data import ClientArrays, check_client_labels
 from fedjax_bn.execution.batches import steps_per_epoch
@@ -66,7 +66,8 @@ logger = logging.getLogger(__name__)
 
 class Executor(Protocol):
     """Runs one round of a cohort whose host-side sizes are ``sizes``; ``budget``: each
-    client's most local steps (host int32 ``[C]``, ``fedjax_bn.budgets``), None: no limit."""
+    client's most local steps (host int32 ``[C]``, ``fedjax_bn.budgets``), None: no limit;
+    ``ids``: the slots' population ids, which key their steps' randomness (None: ``0..C-1``)."""
 
     def __call__(
         self,
@@ -76,6 +77,7 @@ class Executor(Protocol):
         sizes: tuple[int, ...],
         batches: Any = None,
         budget: np.ndarray | None = None,
+        ids: np.ndarray | None = None,
     ) -> tuple[FedState, RoundResult]: ...
 
 
@@ -111,10 +113,16 @@ class LockstepRound:
         self.num_groups, self.mesh = num_groups, mesh
 
         def round_fn(
-            plan: Plan, state: FedState, train: ClientArrays, key: Array, batches: Any, budget: Any
+            plan: Plan,
+            state: FedState,
+            train: ClientArrays,
+            key: Array,
+            batches: Any,
+            budget: Any,
+            ids: Any,
         ):
             new_state, result = lockstep_round(
-                alg, plan, run_group, state, train, key, batches, budget
+                alg, plan, run_group, state, train, key, batches, budget, ids
             )
             if mesh is not None and plan.num_clients % mesh.size == 0:
                 new_state = constrain_state(new_state, mesh)
@@ -138,10 +146,12 @@ class LockstepRound:
         sizes: tuple[int, ...],
         batches: Any = None,
         budget: np.ndarray | None = None,
+        ids: np.ndarray | None = None,
     ) -> tuple[FedState, RoundResult]:
         budget_C = None if budget is None else jnp.asarray(budget, jnp.int32)  # data: no re-jit
-        plan = self.plan(sizes, train.y.shape[1])
-        return self._round(plan, state, train, key, batches, budget_C)
+        ids_C = None if ids is None else jnp.asarray(ids, jnp.int32)
+        plan = self.plan(sizes, train.n_max)
+        return self._round(plan, state, train, key, batches, budget_C, ids_C)
 
 
 def build_executor(
@@ -189,15 +199,17 @@ def build_executor(
     )
 
 
-def num_outputs(alg: Algorithm, train: ClientArrays) -> int:
-    """The model's number of outputs (classes), from shapes only (nothing compiles)."""
-    x = jax.ShapeDtypeStruct((1, *train.x.shape[2:]), train.x.dtype)
+def num_outputs(alg: Algorithm, train: ClientArrays) -> int | None:
+    """The model's number of outputs (classes), from shapes only (nothing compiles); None
+    when its output is not one array."""
+    task = task_of(alg)
+    x = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[2:]), a.dtype), train.x)
 
-    def logits(x: Array) -> Array:
-        out, _ = alg.model.init_with_output(jax.random.key(0), x, train=False)
-        return out
+    def outputs(x: Any) -> Any:
+        return task.outputs(task.init(jax.random.key(0), x), x)
 
-    return int(jax.eval_shape(logits, x).shape[-1])
+    out = jax.eval_shape(outputs, x)
+    return int(out.shape[-1]) if isinstance(out, jax.ShapeDtypeStruct) and out.ndim else None
 
 
 class Round:
@@ -230,10 +242,13 @@ class Round:
                     "every client of the round has zero training examples: nothing to train "
                     "on (check the partition, or pass clients that hold data)."
                 )
-            shape = (train.x.shape[2:], train.x.dtype)
-            if shape not in self._num_outputs:  # traces the model once per example shape
-                self._num_outputs[shape] = num_outputs(self.alg, train)
-            check_client_labels(train, self._num_outputs[shape])
+            if task_of(self.alg).classification:
+                shape = jax.tree.map(lambda a: (a.shape[2:], a.dtype), train.x)
+                key = str(shape)
+                if key not in self._num_outputs:  # traces the model once per example shape
+                    self._num_outputs[key] = num_outputs(self.alg, train)
+                if self._num_outputs[key] is not None:
+                    check_client_labels(train, self._num_outputs[key])
             self._sizes, self._sizes_of = sizes, train.n
         return self._sizes
 
@@ -256,7 +271,7 @@ class Round:
         impl = self._resolve(train)
         if not isinstance(impl, LockstepRound):
             return 0.0
-        return impl.plan(self.sizes(train), train.y.shape[1]).padded_fraction()
+        return impl.plan(self.sizes(train), train.n_max).padded_fraction()
 
     def __call__(
         self, state: FedState, train: ClientArrays, key: Array, batches: Any = None
@@ -285,7 +300,7 @@ class Round:
     def batch_shape(self, train: ClientArrays) -> tuple[int, int, int]:
         """The ``[C, S, B]`` shape of a round's batch indices for ``train``."""
         b, e = self.options["batch_size"], self.options["local_epochs"]
-        return (int(train.n.shape[0]), e * steps_per_epoch(int(train.y.shape[1]), b), b)
+        return (int(train.n.shape[0]), e * steps_per_epoch(int(train.n_max), b), b)
 
 
 def make_round(

@@ -45,7 +45,7 @@ from fedjax_bn.budgets import budget_weights
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution.batches import round_batches
 from fedjax_bn.execution.lockstep import Outputs, RoundResult
-from fedjax_bn.execution.loop import local_steps
+from fedjax_bn.execution.loop import client_key, local_steps
 from fedjax_bn.execution.plan import Dispatch, dispatches, lanes, schedule
 from fedjax_bn.execution.quarantine import aggregate_round
 from fedjax_bn.tree import put_client, take_client
@@ -122,10 +122,12 @@ class SequentialRound:
             state: FedState | None,
             carry: Any,
             finals: Outputs | None,
-            x_CN: Array,
-            y_CN: Array,
+            x_CN: Any,
+            y_CN: Any,
             idx_CSB: Array,
             mask_CSB: Array,
+            key: Array,
+            ids_C: Array,
             c: Array,
             s: Array,
             c_next: Array | None,
@@ -139,8 +141,17 @@ class SequentialRound:
                 idx_SB = jax.lax.dynamic_slice_in_dim(idx_CSB[c], s, num)
                 mask_SB = jax.lax.dynamic_slice_in_dim(mask_CSB[c], s, num)
                 full = 0 if masked else num
+                x_N, y_N = jax.tree.map(lambda a: a[c], (x_CN, y_CN))
                 carry = local_steps(
-                    alg.client_step, carry, x_CN[c], y_CN[c], idx_SB, mask_SB, full=full
+                    alg.client_step,
+                    carry,
+                    x_N,
+                    y_N,
+                    idx_SB,
+                    mask_SB,
+                    full=full,
+                    key=client_key(key, ids_C[c]),
+                    first=s,
                 )
             if not closes:
                 return carry
@@ -169,6 +180,9 @@ class SequentialRound:
         # could reuse few of them (jax warns "Some donated buffers were not usable").
         self._finish = jax.jit(finish)
         self._schedule = functools.lru_cache(maxsize=64)(self._build_schedule)
+        self._ids = functools.lru_cache(maxsize=8)(
+            lambda num: jax.device_put(np.arange(num, dtype=np.int32))
+        )
 
     def _build_schedule(
         self, sizes: tuple[int, ...], n_max: int, budget: tuple[int, ...] | None
@@ -241,16 +255,19 @@ class SequentialRound:
         sizes: tuple[int, ...],
         batches: Any = None,
         budget: np.ndarray | None = None,
+        ids: np.ndarray | None = None,
     ) -> tuple[FedState, RoundResult]:
-        n_max = train.y.shape[1]
+        n_max = train.n_max
+        ids_C = self._ids(len(sizes)) if ids is None else jax.device_put(np.asarray(ids, np.int32))
         steps = None if budget is None else tuple(int(b) for b in budget)
         plans, groups, owner = self._schedule(sizes, n_max, steps)
         if batches is None:
             batches = self._shuffle(key, train.n, n_max)
         idx_CSB, mask_CSB = batches
         buffers = self._begin(state, len(sizes), len(groups))
-        data = (train.x, train.y, idx_CSB, mask_CSB)
-        run = (data, (train.x.shape, idx_CSB.shape))
+        data = (train.x, train.y, idx_CSB, mask_CSB, key, ids_C)
+        shapes = jax.tree.map(jnp.shape, (train.x, train.y))
+        run = (data, (str(shapes), idx_CSB.shape))
         if len(groups) == 1:
             buffers = (self._run_lane(groups[0], plans, state, run, buffers[0]),)
         else:

@@ -132,16 +132,18 @@ def scatter(
 @functools.partial(jax.jit, static_argnums=2)
 def _cohort_data_device(train: ClientArrays, rows: Array, n_max: int, keep: Array) -> ClientArrays:
     n = jnp.where(keep, train.n[rows], 0).astype(train.n.dtype)
-    return ClientArrays(x=train.x[rows, :n_max], y=train.y[rows, :n_max], n=n)
+    x, y = jax.tree.map(lambda a: a[rows, :n_max], (train.x, train.y))
+    return ClientArrays(x=x, y=y, n=n)
 
 
 def gather_data(train: ClientArrays, ids: np.ndarray, n_max: int) -> ClientArrays:
     """The cohort's data on the device: its clients' rows, padded to ``n_max`` examples
-    (``n_max`` >= the cohort's largest size); empty slots get size 0."""
+    (``n_max`` >= the cohort's largest size); empty slots get size 0. ``x`` and ``y`` may be
+    pytrees: every leaf is gathered the same way."""
     num = int(train.n.shape[0])
     rows, keep = _rows(ids, num), np.asarray(ids) < num
-    if isinstance(train.x, np.ndarray):
+    if is_host(train.x):
         n = np.where(keep, np.asarray(train.n)[rows], 0).astype(np.asarray(train.n).dtype)
-        host = ClientArrays(x=train.x[rows, :n_max], y=np.asarray(train.y)[rows, :n_max], n=n)
-        return jax.device_put(host)
+        x, y = jax.tree.map(lambda a: np.asarray(a)[rows, :n_max], (train.x, train.y))
+        return jax.device_put(ClientArrays(x=x, y=y, n=n))
     return _cohort_data_device(train, jnp.asarray(rows, jnp.int32), n_max, jnp.asarray(keep))
