@@ -35,14 +35,13 @@ from fedjax_bn.data.fashion_mnist import (
 from fedjax_bn.data.federated import (
     ClientArrays,
     FederatedData,
-    check_client_labels,
-    class_ids,
     federate,
     from_client_arrays,
     pooled_test,
     stack_clients,
 )
 from fedjax_bn.data.idx import read_idx, write_idx
+from fedjax_bn.data.labels import check_client_labels, class_ids
 from fedjax_bn.data.partition import (
     dirichlet_partition,
     dirichlet_partition_with_proportions,

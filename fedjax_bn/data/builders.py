@@ -8,16 +8,8 @@ import numpy as np
 
 from fedjax_bn.data.digits import load_digits
 from fedjax_bn.data.domains import apply_domain, domain_for_client
-from fedjax_bn.data.federated import (
-    FederatedData,
-    Labels,
-    Tree,
-    _as_tree,
-    _num_rows,
-    _test_spec,
-    class_ids,
-    federate,
-)
+from fedjax_bn.data.federated import FederatedData, federate, num_rows
+from fedjax_bn.data.labels import Labels, Tree, as_tree, class_ids, test_labels_spec
 from fedjax_bn.data.partition import (
     dirichlet_partition_with_proportions,
     iid_partition,
@@ -29,7 +21,7 @@ NUM_DIGIT_CLASSES = 10
 
 def _len(x: Tree, y: Tree, what: str) -> int:
     """The number of examples of a split whose x and y may be pytrees."""
-    return _num_rows(("x", _as_tree(x)), ("y", _as_tree(y)), where=f"{what}: ")
+    return num_rows(("x", as_tree(x)), ("y", as_tree(y)), where=f"{what}: ")
 
 
 def iid(
@@ -89,7 +81,7 @@ def label_skew(
     callable selecting them from either split's ``y``.
     """
     train_ids = class_ids(y_train, labels)
-    test_ids = class_ids(y_test, _test_spec(labels, test_labels))
+    test_ids = class_ids(y_test, test_labels_spec(labels, test_labels))
     if train_ids is None or test_ids is None:
         split = "train" if train_ids is None else "test"
         raise ValueError(

@@ -18,9 +18,15 @@ import flax.struct
 import jax
 import numpy as np
 
-Tree = Any  # an array, or a pytree (dict, tuple, ...) of arrays
-# Where class ids are (see ``class_ids``): None, a callable of y, a key or index of y, an array.
-Labels = Any
+from fedjax_bn.data.labels import (
+    Labels,
+    Tree,
+    as_tree,
+    check_label_range,
+    class_ids,
+    require_num_classes,
+    test_labels_spec,
+)
 
 
 @flax.struct.dataclass
@@ -77,21 +83,13 @@ class FederatedData:
         return np.asarray(jax.device_get(self.train.n))
 
 
-def _as_tree(v: Any) -> Tree:
-    """``v`` with numpy leaves; a (nested) list of plain numbers is one array, as
-    ``np.asarray`` reads it (a list of arrays stays a pytree)."""
-    if isinstance(v, list) and not any(hasattr(a, "shape") for a in jax.tree.leaves(v)):
-        return np.asarray(v)
-    return jax.tree.map(np.asarray, v)
-
-
 def _named_leaves(tree: Tree, name: str) -> list[tuple[str, Any]]:
     """``(name + path, leaf)`` for each leaf, e.g. ``("x['image']", a)``; ``name`` for an array."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [(name + jax.tree_util.keystr(path), leaf) for path, leaf in flat]
 
 
-def _num_rows(*named: tuple[str, Tree], where: str = "") -> int:
+def num_rows(*named: tuple[str, Tree], where: str = "") -> int:
     """The common leading-axis size of every leaf of the named trees; a ValueError naming the
     leaves when they differ or a leaf has no example axis."""
     leaves = [nl for name, tree in named for nl in _named_leaves(tree, name)]
@@ -108,45 +106,6 @@ def _num_rows(*named: tuple[str, Tree], where: str = "") -> int:
                 "needs one row per example."
             )
     return int(rows)
-
-
-def _is_class_ids(y: Tree, ndim: int = 1) -> bool:
-    """Whether ``y`` is one integer array of ``ndim`` axes (class ids, one per example)."""
-    return (
-        isinstance(y, np.ndarray | jax.Array)
-        and y.ndim == ndim
-        and np.issubdtype(y.dtype, np.integer)
-    )
-
-
-def _select(y: Tree, labels: Labels) -> Any:
-    if callable(labels):
-        return labels(y)
-    if isinstance(labels, str | int) and not isinstance(labels, bool):
-        return y[labels]
-    return labels
-
-
-def class_ids(y: Tree, labels: Labels = None) -> np.ndarray | None:
-    """The class ids (an integer array ``[N]``) of one split's labels ``y``, or None.
-
-    ``labels`` says where they are: None -- ``y`` itself when it is one integer array ``[N]``
-    (float, multi-hot and pytree labels have none: None comes back); a callable --
-    ``labels(y)``; a ``str``/``int`` key -- ``y[labels]`` (a dict's key, a tuple's position);
-    an array -- the class ids themselves. A selection that is not ``[N]`` integers raises.
-    """
-    y = _as_tree(y)
-    if labels is None:
-        return y if _is_class_ids(y) else None
-    ids = np.asarray(_select(y, labels))
-    leaves = jax.tree.leaves(y)
-    rows = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else len(ids)
-    if not _is_class_ids(ids) or len(ids) != rows:
-        raise ValueError(
-            f"labels= must give one integer class id per example (shape [{rows}]), got "
-            f"{ids.dtype} {ids.shape}."
-        )
-    return ids
 
 
 def _stacked_dtype(leaves: Sequence[np.ndarray], is_y: bool) -> np.dtype:
@@ -175,8 +134,8 @@ def stack_clients(xs: Sequence[Tree], ys: Sequence[Tree]) -> ClientArrays:
         raise ValueError(
             f"need the same, non-zero number of x and y arrays, got {len(xs)} and {len(ys)}."
         )
-    xs = [_as_tree(x) for x in xs]
-    ys = [_as_tree(y) for y in ys]
+    xs = [as_tree(x) for x in xs]
+    ys = [as_tree(y) for y in ys]
     defs = (jax.tree.structure(xs[0]), jax.tree.structure(ys[0]))
     for c, (x, y) in enumerate(zip(xs, ys, strict=True)):
         for name, tree, want in (("x", x, defs[0]), ("y", y, defs[1])):
@@ -186,7 +145,7 @@ def stack_clients(xs: Sequence[Tree], ys: Sequence[Tree]) -> ClientArrays:
                     f"0's is {want}; every client needs the same pytree structure."
                 )
     pairs = enumerate(zip(xs, ys, strict=True))
-    n = np.array([_num_rows(("x", x), ("y", y), where=f"client {c}: ") for c, (x, y) in pairs])
+    n = np.array([num_rows(("x", x), ("y", y), where=f"client {c}: ") for c, (x, y) in pairs])
     n = n.astype(np.int32)
     n_max = max(1, int(n.max()))
 
@@ -222,33 +181,6 @@ def _check_parts(parts: Sequence[np.ndarray], num_examples: int, what: str) -> N
                 f"{what} part of client {c} indexes [{part.min()}, {part.max()}], outside "
                 f"[0, {num_examples}); build parts from the same arrays you pass here."
             )
-
-
-def _check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
-    y = np.asarray(y)
-    bad = y[(y < 0) | (y >= num_classes)]
-    if bad.size:
-        raise ValueError(
-            f"{what} labels must lie in [0, {num_classes}), found values in "
-            f"[{bad.min()}, {bad.max()}]; fix the labels or raise num_classes."
-        )
-
-
-def _test_spec(labels: Labels, test_labels: Labels) -> Labels:
-    """Where the test split's class ids are: ``test_labels``, else ``labels`` when it is a key
-    or callable (it selects from either split's y); an array of train ids says nothing."""
-    if test_labels is not None:
-        return test_labels
-    return labels if callable(labels) or isinstance(labels, str | int) else None
-
-
-def _require_num_classes(num_classes: int | None) -> int:
-    if num_classes is None:
-        raise ValueError(
-            "the labels are class ids (y one integer array, or labels= given): pass "
-            "num_classes= (the model's number of outputs)."
-        )
-    return num_classes
 
 
 def federate(
@@ -289,18 +221,18 @@ def federate(
             f"clients {empty} have no train examples; every client needs >= 1 (use a "
             "min_size in the partition, a larger alpha, or fewer clients)."
         )
-    x_train, y_train, x_test, y_test = (_as_tree(a) for a in (x_train, y_train, x_test, y_test))
-    num_train = _num_rows(("x", x_train), ("y", y_train), where="train: ")
-    num_test = _num_rows(("x", x_test), ("y", y_test), where="test: ")
+    x_train, y_train, x_test, y_test = (as_tree(a) for a in (x_train, y_train, x_test, y_test))
+    num_train = num_rows(("x", x_train), ("y", y_train), where="train: ")
+    num_test = num_rows(("x", x_test), ("y", y_test), where="test: ")
     for what, y, spec, num in (
         ("train", y_train, labels, num_train),
-        ("test", y_test, _test_spec(labels, test_labels), num_test),
+        ("test", y_test, test_labels_spec(labels, test_labels), num_test),
     ):
         ids = class_ids(y, spec)
         if ids is not None:
             if ids.shape[0] != num:
                 raise ValueError(f"{what}: {ids.shape[0]} class ids for {num} examples.")
-            _check_labels(ids, _require_num_classes(num_classes), what)
+            check_label_range(ids, require_num_classes(num_classes), what)
     _check_parts(train_parts, num_train, "train")
     _check_parts(test_parts, num_test, "test")
 
@@ -367,11 +299,11 @@ def from_client_arrays(
             f"callable of it, got {type(labels).__name__}."
         )
     train_xs, train_ys, test_xs, test_ys = (
-        [_as_tree(a) for a in arrays] for arrays in (train_xs, train_ys, test_xs, test_ys)
+        [as_tree(a) for a in arrays] for arrays in (train_xs, train_ys, test_xs, test_ys)
     )
     sizes = {
         what: [
-            _num_rows(("x", x), ("y", y), where=f"{what} client {c}: ")
+            num_rows(("x", x), ("y", y), where=f"{what} client {c}: ")
             for c, (x, y) in enumerate(zip(xs, ys, strict=True))
         ]
         for what, xs, ys in (("train", train_xs, train_ys), ("test", test_xs, test_ys))
@@ -382,7 +314,7 @@ def from_client_arrays(
     for what, ys in (("train", train_ys), ("test", test_ys)):
         ids = [class_ids(y, labels) for y, n in zip(ys, sizes[what], strict=True) if n]
         if ids and all(i is not None for i in ids):
-            _check_labels(np.concatenate(ids), _require_num_classes(num_classes), what)
+            check_label_range(np.concatenate(ids), require_num_classes(num_classes), what)
     if domains and len(domains) != len(train_xs):
         raise ValueError(f"got {len(domains)} domain names for {len(train_xs)} clients.")
     return FederatedData(
@@ -391,32 +323,3 @@ def from_client_arrays(
         num_classes=num_classes,
         domains=tuple(domains),
     )
-
-
-def check_client_labels(
-    arrays: ClientArrays, num_classes: int | None, *, labels: Labels = None
-) -> None:
-    """Raise a ValueError when a real (unpadded) label lies outside ``[0, num_classes)``.
-
-    The labels checked are ``arrays.y`` when it is one integer array ``[C, N_max]`` (class
-    ids), else what ``labels`` (a key or index of ``y``, or a callable of it) selects; without
-    class ids (float, multi-hot or pytree ``y`` and no ``labels``) or ``num_classes`` there is
-    nothing to check. A host check, meant to run once per data set (a bad label would
-    otherwise train silently into a NaN or meaningless model).
-    """
-    y = arrays.y if labels is None else _select(arrays.y, labels)
-    if num_classes is None or not _is_class_ids(y, ndim=2):
-        if labels is not None and num_classes is not None:
-            raise ValueError(
-                f"labels= must select integer class ids [C, N_max], got {np.shape(y)}."
-            )
-        return
-    y, n = (np.asarray(a) for a in jax.device_get((y, arrays.n)))
-    real = np.arange(y.shape[1])[None, :] < n[:, None]
-    bad = y[real & ((y < 0) | (y >= num_classes))]
-    if bad.size:
-        raise ValueError(
-            f"client labels must lie in [0, {num_classes}) (the model's number of outputs), "
-            f"found values in [{bad.min()}, {bad.max()}]; fix the labels or the model's "
-            "num_classes."
-        )
