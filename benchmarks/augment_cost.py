@@ -1,7 +1,8 @@
 """Cost of on-device augmentation relative to a train step (SeedCNN, 32x32x3 uint8, batch 32).
 
-Times an adam(5e-4) train step jitted without augmentation and one with ``cifar_standard()``
-applied to the batch inside the same jitted step, interleaved back to back (bursts of
+Times the library's train step (``fedjax_bn.client.train_step``, adam(5e-4), a full batch with
+its step key) jitted without augmentation and with ``augment=cifar_standard()``, which runs
+inside the same jitted step, interleaved back to back (bursts of
 ``--steps`` steps, ``--repeats`` bursts each, after warm-up), plus the augmentation alone.
 Reports per-step best and median seconds and ``overhead = augmented / plain - 1`` (on best).
 
@@ -23,29 +24,23 @@ import numpy as np
 import optax
 
 import fedjax_bn as fb
+from fedjax_bn.client import Batch, LocalTraining, init_state
 from fedjax_bn.data.augment import cifar_standard
 
 
 def make_steps(model: Any, tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
-    """Jitted plain and augmented train steps on (params, batch_stats, opt_state, x, y[, key])."""
-    augment = cifar_standard()
+    """The library's own jitted train step (``fedjax_bn.client.train_step``) on a full batch,
+    without and with ``augment=cifar_standard()``: ``(state, x, y, key) -> state``."""
 
-    def loss_fn(params, batch_stats, x, y):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    def step(task: fb.Task) -> Callable:
+        spec = LocalTraining(model=task, tx=tx)
+        return jax.jit(
+            lambda state, x, y, key: fb.train_step(spec, None, state, Batch(x, y, None, key))
         )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, updates["batch_stats"]
 
-    def plain(params, batch_stats, opt_state, x, y):
-        grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state
-
-    def augmented(params, batch_stats, opt_state, x, y, key):
-        return plain(params, batch_stats, opt_state, augment(key, x), y)
-
-    return jax.jit(plain), jax.jit(augmented)
+    plain = step(fb.make_task(model))
+    augmented = step(fb.make_task(model, augment=cifar_standard()))
+    return plain, augmented
 
 
 def burst(run: Callable[[int], Any], steps: int) -> float:
@@ -75,21 +70,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     y = jnp.asarray(rng.integers(0, 100, (args.batch,), dtype=np.int32))
     model = fb.SeedCNN(num_classes=100)
     variables = model.init(jax.random.key(0), x[:1], train=False)
-    params, batch_stats = variables["params"], variables["batch_stats"]
     tx = optax.adam(5e-4)
-    opt_state = tx.init(params)
     plain, augmented = make_steps(model, tx)
+    start = init_state(LocalTraining(model=model, tx=tx), dict(variables))
     augment_only = jax.jit(cifar_standard())
     keys = list(jax.random.split(jax.random.key(1), args.steps))
 
-    state = {"plain": (params, batch_stats, opt_state), "aug": (params, batch_stats, opt_state)}
+    state = {"plain": start, "aug": start}
 
     def run_plain(i: int):
-        state["plain"] = plain(*state["plain"], x, y)
+        state["plain"] = plain(state["plain"], x, y, keys[i])
         return state["plain"]
 
     def run_aug(i: int):
-        state["aug"] = augmented(*state["aug"], x, y, keys[i])
+        state["aug"] = augmented(state["aug"], x, y, keys[i])
         return state["aug"]
 
     def run_augment_only(i: int):

@@ -172,16 +172,18 @@ SETTINGS: dict[str, SettingBuilder] = {
     ),
 }
 
-MODELS: dict[str, Callable[[Config, int], nn.Module]] = {
+# A model from (config.model, classes, example shape [H, W, C], init seed); Linen models ignore
+# the last two (the library initializes them from the run's key), NNX models are built with them.
+MODELS: dict[str, Callable[[Config, int, tuple[int, ...], int], Any]] = {
     # config.model.norm: batch (default) | group | layer | none (weight-standardized convs).
-    "seed_cnn": lambda m, k: fb.SeedCNN(
+    "seed_cnn": lambda m, k, shape, seed: fb.SeedCNN(
         num_classes=k,
         widths=tuple(m.widths),
         hidden=m.hidden,
         momentum=m.momentum,
         norm=m.get("norm", "batch"),
     ),
-    "digit_model": lambda m, k: fb.DigitModel(
+    "digit_model": lambda m, k, shape, seed: fb.DigitModel(
         num_classes=k,
         conv_widths=tuple(m.conv_widths),
         fc_widths=tuple(m.fc_widths),
@@ -189,8 +191,26 @@ MODELS: dict[str, Callable[[Config, int], nn.Module]] = {
         norm=m.get("norm", "batch"),
     ),
     # The flax-examples ResNet-18 (CIFAR stem); BatchNorm only, no `norm` field.
-    "resnet18": lambda m, k: fb.ResNet18(num_classes=k, num_filters=m.num_filters),
+    "resnet18": lambda m, k, shape, seed: fb.ResNet18(num_classes=k, num_filters=m.num_filters),
+    # A Flax NNX CNN with dropout (seed_cnn's widths and hidden width; BN and dropout modes set
+    # by the library at every call); its starting values come from the init seed.
+    "nnx_cnn": lambda m, k, shape, seed: fb.NnxCNN(
+        num_classes=k,
+        in_channels=shape[-1],
+        widths=tuple(m.widths),
+        hidden=m.hidden,
+        dropout=m.dropout,
+        rngs=nnx_rngs(seed),
+    ),
 }
+
+
+def nnx_rngs(seed: int) -> Any:
+    """``nnx.Rngs(seed)`` (flax.nnx loads only when an NNX model is asked for)."""
+    from flax import nnx
+
+    return nnx.Rngs(seed)
+
 
 # The models with a `norm` field (config.model.norm; fedavg_group and fedavg_ws switch it).
 NORM_MODELS: tuple[str, ...] = ("digit_model", "seed_cnn")
@@ -222,9 +242,13 @@ def names(value: str | Sequence[Any]) -> tuple[str, ...]:
     return out
 
 
-def build_model(config: Config, num_classes: int) -> nn.Module:
-    """The configured model for ``num_classes`` outputs."""
-    return lookup(MODELS, config.model.name, "model")(config.model, num_classes)
+def build_model(
+    config: Config, num_classes: int, example_shape: tuple[int, ...] = (8, 8, 1), seed: int = 0
+) -> Any:
+    """The configured model for ``num_classes`` outputs and examples of ``example_shape``
+    (``seed``: an NNX model's initial values)."""
+    build = lookup(MODELS, config.model.name, "model")
+    return build(config.model, num_classes, tuple(example_shape), seed)
 
 
 def build_optimizer(config: Config) -> optax.GradientTransformation:

@@ -112,6 +112,7 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("data.max_test", int, 0, note=" (0: all)"),
     Bound("model.momentum", float, 0, high=1),
     Bound("model.num_filters", int, 1),
+    Bound("model.dropout", float, 0, high=1, high_strict=True),
     Bound("label_smoothing", float, 0, high=1, high_strict=True),
     Bound("optim.lr", float, 0, strict=True),
     Bound("optim.weight_decay", float, 0),
@@ -377,7 +378,8 @@ def train_run(
     """
     seeds = derive_seeds(seed)
     data, held = evaluation.split_held_out(data, config.held_out)
-    model = registry.build_model(config, data.num_classes)
+    shape = jax.tree.leaves(data.train.sample_x())[0].shape[1:]
+    model = registry.build_model(config, data.num_classes, shape, seed=seeds.init)
     alg = registry.build_algorithm(alg_name, model, registry.build_optimizer(config), config)
     round_fn = fb.make_round(
         alg,

@@ -1,7 +1,8 @@
 """A Flax NNX CNN with BatchNorm and Dropout, written as NNX users write models.
 
-Conv+BN+ReLU(+2x2 max pool) blocks, then dropout and two dense layers: the seed's SeedCNN in
-NNX. Nothing in it knows about federated training: BN and dropout modes are attributes the
+Conv+BN+ReLU(+2x2 max pool) blocks, global average pooling, then dropout and two dense
+layers: the seed's conv+BN+ReLU + 2 FC design in NNX (pooled globally, so any image size
+fits). Nothing in it knows about federated training: BN and dropout modes are attributes the
 library sets on every call (``fedjax_bn.nnx_model``), and padding is masked by the library.
 """
 
@@ -17,17 +18,13 @@ Array = jax.Array
 
 
 class NnxCNN(nnx.Module):
-    """``in_channels`` -> conv blocks of ``widths`` -> dropout -> FC ``hidden`` -> FC classes.
-
-    ``image_size`` (H, W) fixes the first dense layer's input width (NNX layers are built
-    eagerly); ``pool`` halves H and W after each block (rounding up).
-    """
+    """``in_channels`` -> conv blocks of ``widths`` -> global mean -> dropout -> FC ``hidden``
+    -> FC classes; ``pool`` halves H and W after each block (rounding up)."""
 
     def __init__(
         self,
         *,
         num_classes: int,
-        image_size: tuple[int, int],
         in_channels: int = 1,
         widths: Sequence[int] = (32, 64),
         hidden: int = 128,
@@ -40,11 +37,8 @@ class NnxCNN(nnx.Module):
         pairs = zip(chans[:-1], chans[1:], strict=True)
         self.convs = nnx.List([nnx.Conv(a, b, (3, 3), padding="SAME", rngs=rngs) for a, b in pairs])
         self.norms = nnx.List([nnx.BatchNorm(w, momentum=0.9, rngs=rngs) for w in widths])
-        h, w = image_size
-        for _ in widths if pool else ():
-            h, w = -(-h // 2), -(-w // 2)
         self.drop = nnx.Dropout(dropout, rngs=rngs)
-        self.fc = nnx.Linear(h * w * chans[-1], hidden, rngs=rngs)
+        self.fc = nnx.Linear(chans[-1], hidden, rngs=rngs)
         self.out = nnx.Linear(hidden, num_classes, rngs=rngs)
 
     def __call__(self, x_BHWC: Array) -> Array:
@@ -55,5 +49,5 @@ class NnxCNN(nnx.Module):
             x = nnx.relu(norm(conv(x)))
             if self.pool:
                 x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-        x = self.drop(x.reshape((x.shape[0], -1)))
+        x = self.drop(jnp.mean(x, axis=(1, 2)))
         return self.out(nnx.relu(self.fc(x)))

@@ -121,3 +121,13 @@ def test_bad_task_option_exits_2_with_one_error_line(
     assert len(errors) == 1 and "Traceback" not in err
     assert valid in errors[0]
     assert not out.exists()
+
+
+def test_nnx_model_runs_and_evaluates(tmp_path, capsys) -> None:
+    """The runner trains and evaluates a Flax NNX model (BN + dropout) under fedbn."""
+    extra = ("--config.model.name=nnx_cnn", "--config.model.widths=8", "--config.algorithms=fedbn")
+    out = tmp_path / "out"
+    assert run.main(argv(out, *extra, "--config.rounds=2")) == 0
+    rows = [json.loads(line) for p in (out / "history").glob("*.jsonl") for line in p.open()]
+    assert rows and all(math.isfinite(r["train_loss"]) for r in rows)
+    assert rows[-1]["client_acc"] is not None

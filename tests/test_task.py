@@ -303,3 +303,33 @@ def test_pytree_inputs_train_evaluate_and_adapt():
     plain = fb.evaluate_clients(alg, states[0], data)
     adapted = fb.evaluate_clients(alg, states[0], data, adapt=(0, 1, 2))
     assert plain.count.tolist() == list(SIZES) and adapted.count.tolist() == list(SIZES)
+
+
+def test_nnx_state_checkpoints_and_restores_bitwise(tmp_path):
+    from fedjax_bn.checkpoint import Checkpointer
+
+    alg = fb.fedbn(
+        fb.NnxCNN(num_classes=NUM_CLASSES, widths=(4,), hidden=8, rngs=nnx.Rngs(0)), optax.sgd(0.1)
+    )
+    state, _ = run_rounds(alg, train_data(), rounds=1)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(1, state, jax.random.key(7))
+    ckpt.close()
+    like = alg.init(jax.random.key(0), train_data().x[0, :1], len(SIZES))
+    restored = Checkpointer(tmp_path / "ckpt").restore(like)
+    assert_trees_equal(restored.state, state)
+
+
+class NnxNoBN(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.out = nnx.Linear(int(np.prod(IMAGE_SHAPE)), NUM_CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(x.reshape((x.shape[0], -1)))
+
+
+def test_nnx_model_without_batch_norm_under_fedbn_keeps_nothing_local():
+    alg = fb.fedbn(NnxNoBN(nnx.Rngs(0)), optax.sgd(0.1))
+    state, results = run_rounds(alg, train_data(), rounds=1)
+    assert jax.tree.leaves(state.clients.local) == []
+    assert np.all(np.isfinite(np.asarray(results[0].loss)))

@@ -70,12 +70,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_test = 0  # tfds sources: keep this many test examples (0: all)
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "seed_cnn"  # seed_cnn | digit_model | resnet18
+    c.model.name = "seed_cnn"  # seed_cnn | digit_model | resnet18 | nnx_cnn
     c.model.widths = (32, 64)  # seed_cnn: conv+BN+ReLU block widths
     c.model.hidden = 128  # seed_cnn: first FC layer width
     c.model.conv_widths = (64, 64, 128)  # digit_model
     c.model.fc_widths = (2048, 512)  # digit_model
     c.model.num_filters = 64  # resnet18: width of the first stage
+    c.model.dropout = 0.25  # nnx_cnn: dropout rate before the classifier
     c.model.momentum = 0.9  # BN running-statistics momentum
     # Normalization layers: batch (BatchNorm, the default) | group (GroupNorm, min(32, C)
     # groups) | layer (LayerNorm) | none (no norm, weight-standardized convs, as FedWon).
