@@ -389,11 +389,27 @@ def _figure(
     return path
 
 
+def metric_panels(rows_by_alg: dict[str, list[Row]]) -> tuple[Panel, ...]:
+    """One panel per task-metric column (``train_<name>``, ``global_<name>``) with values."""
+    rows = [r for rs in rows_by_alg.values() for r in rs]
+    keys = [k for k in metric_columns(rows) if any(r.get(k) is not None for r in rows)]
+    return tuple(
+        Panel(k, k.replace("_", " ", 1), k.split("_", 1)[1], missing="not evaluated") for k in keys
+    )
+
+
 def plot_setting(out_dir: Path, setting: str, rows_by_alg: dict[str, list[Row]]) -> list[Path]:
-    """accuracy_<setting>.png and bn_divergence_<setting>.png; returns their paths."""
+    """accuracy_<setting>.png and bn_divergence_<setting>.png, and metrics_<setting>.png when
+    the task has metrics besides accuracy; returns their paths."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    return [
+    extra = metric_panels(rows_by_alg)
+    if extra:
+        title = f"{setting}: task metrics vs round"
+        metrics = [_figure(plots / f"metrics_{setting}.png", title, rows_by_alg, extra)]
+    else:
+        metrics = []
+    return metrics + [
         _figure(
             plots / f"accuracy_{setting}.png",
             f"{setting}: accuracy vs round",

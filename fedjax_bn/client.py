@@ -1,8 +1,11 @@
 """One client's local training step, as pure functions.
 
-Local training always states BatchNorm's mode: ``train=True`` with ``mutable=['batch_stats']``
-(the fix for the original FedProx bug), or, only when asked for by ``bn_train=False``, the bug
-itself on purpose: BN frozen on its running statistics. The FedProx term
+Local training always states BatchNorm's mode through the task (``fedjax_bn.task``):
+``train=True`` with ``mutable=['batch_stats']`` (the fix for the original FedProx bug), or, only
+when asked for by ``bn_train=False``, the bug itself on purpose: BN frozen on its running
+statistics (for a model with one mode flag, dropout is off then too). The loss and metrics are
+the task's per-example functions, summed over the batch's real examples; the step's key feeds
+dropout and augmentation. The FedProx term
 ``mu/2 * ||w - w_global||^2`` runs over the shared parameters only (the ``anchor``). A
 ``correction`` tree (SCAFFOLD's ``c - c_i``) is added to the gradient of the shared parameters
 before the client optimizer sees it, so it works with any optax optimizer.

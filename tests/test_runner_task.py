@@ -77,6 +77,7 @@ def test_metrics_beyond_accuracy_get_train_and_global_columns(tmp_path, monkeypa
     assert final["global_error"]["values"] and final["train_error"]["values"]
     table = report.format_table("digits_feature_shift", summary["results"]["digits_feature_shift"])
     assert "global error" in table.splitlines()[2] and "train error" in table.splitlines()[2]
+    assert (out / "plots" / "metrics_digits_feature_shift.png").stat().st_size > 0
 
 
 def test_label_smoothing_keeps_accuracy_and_smooths_the_target() -> None:

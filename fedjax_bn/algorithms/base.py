@@ -9,8 +9,9 @@ Executors (``fedjax_bn.execution``) own how clients run and call only these func
 ``client_init(server, client) -> carry``
     a client's round starts from the replicated server state and its own client state;
 ``client_step(carry, batch) -> carry``
-    one local optimizer step on a :class:`~fedjax_bn.client.Batch` (a fully masked batch is a
-    no-op), the same function under ``vmap``, ``scan``, ``shard_map`` or a host loop;
+    one local optimizer step on a :class:`~fedjax_bn.client.Batch` (inputs, labels, mask and
+    the step's PRNG key; a fully masked batch is a no-op), the same function under ``vmap``,
+    ``scan``, ``shard_map`` or a host loop;
 ``client_final(carry) -> (message, client, metrics)``
     what the client sends, its new persistent state, and its round metrics;
 ``server_update(server, messages, weights_C) -> server``
