@@ -172,4 +172,4 @@ def test_registry_passes_config_model_norm(norm: str) -> None:
         assert registry.build_model(config, 10).norm == norm
     legacy = ml_collections.ConfigDict({"name": "seed_cnn", "widths": (4,), "hidden": 8})
     legacy.momentum = 0.9  # a config without the norm field builds BatchNorm
-    assert registry.MODELS["seed_cnn"](legacy, 10).norm == "batch"
+    assert registry.MODELS["seed_cnn"](legacy, 10, (8, 8, 1), 0).norm == "batch"
