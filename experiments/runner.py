@@ -242,7 +242,8 @@ def validate(config: Config) -> Config:
 
 
 def enable_compilation_cache(path: str) -> None:
-    """jax's persistent compilation cache in ``path`` for this process; '' turns it off."""
+    """jax's persistent compilation cache in ``path`` for this process; '' turns it off (so
+    does ``FEDJAX_BN_COMPILATION_CACHE=0``)."""
     if path:
         fb.enable_compilation_cache(path)
     else:

@@ -125,6 +125,7 @@ def run_child(workload: str, rounds: int) -> dict[str, Any]:
     from fedjax_bn.data import stack_clients
     from fedjax_bn.execution.plan import real_steps
 
+    fb.enable_compilation_cache()  # the directory FEDJAX_BN_COMPILATION_CACHE names
     t_import = time.time()
     log = CompileLog()
     data = np.load(workload)

@@ -1,5 +1,6 @@
 """fedjax_bn: functional JAX federated learning for models with BatchNorm, done right."""
 
+from fedjax_bn import budgets, sampling
 from fedjax_bn.adapt import adapt_bn
 from fedjax_bn.aggregate import pooled_moments, weighted_mean
 from fedjax_bn.algorithms import (
@@ -20,7 +21,7 @@ from fedjax_bn.algorithms import (
     scaffold,
     silobn,
 )
-from fedjax_bn.cache import disable_compilation_cache, enable_by_default, enable_compilation_cache
+from fedjax_bn.cache import disable_compilation_cache, enable_compilation_cache
 from fedjax_bn.client import Batch, LocalTraining, train_step
 from fedjax_bn.evaluate import (
     evaluate_clients,
@@ -43,9 +44,9 @@ def __getattr__(name: str):  # NnxCNN loads flax.nnx only when asked for
     raise AttributeError(f"module 'fedjax_bn' has no attribute {name!r}")
 
 
-enable_by_default()  # jax's persistent compilation cache; FEDJAX_BN_COMPILATION_CACHE=0: off
-
 __all__ = [
+    "budgets",
+    "sampling",
     "Algorithm",
     "Batch",
     "DigitModel",

@@ -4,7 +4,7 @@ A trained model meets a new domain (a new client, a shifted test set): :func:`ad
 every weight and replaces each BatchNorm layer's running ``mean``/``var`` by the statistics of
 that layer's inputs over the given examples, by train-mode forward passes and no gradient step
 (no labels needed). The statistics are read at each BN layer's input by the interceptor of
-``recalibrate.bn_input_moments`` and pooled exactly over batches (counts, not averaged batch
+``bn_moments.bn_input_moments`` and pooled exactly over batches (counts, not averaged batch
 variances), so they do not depend on the layers' momentum: the first BN layer gets exactly the
 mean and biased variance of its inputs over ``x``; deeper layers those of inputs normalized
 upstream with batch statistics (consecutive batches of ``batch_size``, no shuffling: the
@@ -13,7 +13,6 @@ result is deterministic). Integer leaves (counters) keep their value.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -29,21 +28,10 @@ from fedjax_bn.algorithms.base import (
     model_parts,
     task_of,
 )
-from fedjax_bn.recalibrate import LayerMoments, bn_input_moments, pool, with_moments
+from fedjax_bn.bn_moments import batch_moments, pool, with_moments
 from fedjax_bn.tree import Variables, take_client
 
 Array = jax.Array
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _batch_moments(
-    model: Any, variables: Variables, x_N: Any, start: Array, batch_size: int
-) -> LayerMoments:
-    """BN input moments of examples ``[start, start + batch_size)`` (masked past the end)."""
-    idx_B = start + jnp.arange(batch_size)
-    n = num_examples(x_N)
-    x_B = jax.tree.map(lambda a: jnp.take(a, jnp.minimum(idx_B, n - 1), axis=0), x_N)
-    return bn_input_moments(model, variables, x_B, idx_B < n)
 
 
 def num_examples(x_N: Any) -> int:
@@ -65,8 +53,9 @@ def adapt_variables(
         return variables
     x_N = jax.tree.map(jnp.asarray, x_N)
     batch_size = min(batch_size, n)  # one compile shape, no all-padding batch
+    x_1N, n_1 = jax.tree.map(lambda v: v[None], x_N), jnp.asarray([n], jnp.int32)
     batches = [
-        _batch_moments(model, variables, x_N, jnp.asarray(s), batch_size)
+        batch_moments(model, variables, x_1N, n_1, jnp.asarray([0, s]), batch_size)
         for s in range(0, n, batch_size)
     ]
     moments = {p: pool([b[p] for b in batches]) for p in batches[0]}

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from fedjax_bn import policy
+from fedjax_bn.adapt import adapt_variables
 from fedjax_bn.algorithms.base import (
     Algorithm,
     FedState,
@@ -41,7 +42,7 @@ class Metrics(NamedTuple):
     metrics: dict[str, float] = {}
 
 
-class ClientMetrics(NamedTuple):
+class EvalMetrics(NamedTuple):
     """Per-client test metrics (arrays [C]) and their example-count-weighted means."""
 
     loss: np.ndarray
@@ -120,7 +121,7 @@ def evaluate_clients(
     *,
     clients: Sequence[int] | None = None,
     adapt: Collection[int] = (),
-) -> ClientMetrics:
+) -> EvalMetrics:
     """Each client's model (its own local BN leaves) on its own test data.
 
     ``clients``: evaluate only these client ids (a sample, for populations too large to
@@ -136,7 +137,6 @@ def evaluate_clients(
         raise ValueError("evaluate_clients needs at least one client id, got none.")
     if ids.min() < 0 or ids.max() >= len(n_C):
         raise ValueError(f"client ids must lie in [0, {len(n_C)}), got {ids.tolist()}.")
-    from fedjax_bn.adapt import adapt_variables  # adapt -> recalibrate -> evaluate: no cycle
 
     per = []
     for c in ids.tolist():
@@ -151,4 +151,4 @@ def evaluate_clients(
     has = count > 0
     weighted = float(np.sum(acc[has] * count[has]) / max(np.sum(count), 1))
     mean = float(np.mean(acc[has])) if has.any() else float("nan")
-    return ClientMetrics(loss, acc, count, mean, weighted, ids, metrics)
+    return EvalMetrics(loss, acc, count, mean, weighted, ids, metrics)

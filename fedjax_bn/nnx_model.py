@@ -18,6 +18,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from fedjax_bn.masks import broadcast_mask
 from fedjax_bn.tree import Variables
 
 Array = jax.Array
@@ -54,7 +55,6 @@ def _fill(template: nnx.State, values: dict) -> nnx.State:
 @functools.cache
 def _masked_class(cls: type) -> type:
     """``cls`` (a BatchNorm) whose calls without a mask take the batch's mask (``_MASK``)."""
-    from fedjax_bn.task import broadcast_mask  # task imports this module
 
     def __call__(self, x, use_running_average=None, *, mask=None):
         batch_mask, recording = _MASK.get(), _RECORD.get()

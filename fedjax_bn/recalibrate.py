@@ -18,104 +18,33 @@ shuffling, so the result is deterministic). The alternative, calibrating layer b
 the upstream layers already in eval mode on the new statistics, needs per-layer BN modes that
 the models' single ``train`` flag does not give, and one pass per layer.
 
-The statistics are read at each BatchNorm's *input* by a flax method interceptor (mask-aware,
-in float32, two-pass per batch), not recovered from the running-statistics update as
-``monitor.probe_batch_stats`` does: exact whatever the layers' momentum.
+The statistics are read at each BatchNorm's *input* (``bn_moments.py``), not recovered from
+the running-statistics update as ``monitor.probe_batch_stats`` does: exact whatever the
+layers' momentum.
 
 :func:`fedavg_batch_stats_only` trains as PyTorch's ``track_running_stats=False`` would: BN
 normalizes with batch statistics and no running averages are kept or sent, so the server's
 statistics stay at their initial values until :func:`recalibrate_bn` computes them; evaluate it
-with :func:`evaluate_recalibrated`, never with the stored statistics alone.
+with :func:`evaluate_recalibrated`, never with the stored statistics alone. It lives in
+``algorithms/batch_stats_only.py`` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fedjax_bn import policy as policy_lib
-from fedjax_bn.aggregate import pooled_moments
 from fedjax_bn.algorithms.base import Algorithm, FedState, model_parts, task_of
-from fedjax_bn.algorithms.fedavg import ClientState, Message, ServerState, make_algorithm
-from fedjax_bn.client import ClientMetrics
+from fedjax_bn.algorithms.batch_stats_only import fedavg_batch_stats_only  # noqa: F401
+from fedjax_bn.bn_moments import LayerMoments, batch_moments, pool, with_moments
 from fedjax_bn.data import ClientArrays, FederatedData
 from fedjax_bn.evaluate import Metrics, evaluate_global
-from fedjax_bn.task import as_task
-from fedjax_bn.tree import Path, Variables, flatten, unflatten
+from fedjax_bn.tree import Variables
 
 Array = jax.Array
-
-
-class Moments(NamedTuple):
-    """One BN layer's input statistics over ``count`` values per channel (biased variance)."""
-
-    count: Array  # float32 scalar
-    mean: Array  # [channels]
-    var: Array  # [channels]
-
-
-LayerMoments = dict[Path, Moments]  # keyed by the BN module's path
-
-
-def masked_moments(x: Array, mask: Array | None, axis: Any) -> Moments:
-    """Per-channel count, mean and biased variance of ``x`` over its real entries.
-
-    ``axis``: the BN layer's feature axes (flax's ``BatchNorm.axis``); ``mask`` broadcasts to
-    ``x`` (None: every entry is real).
-    """
-    x = x.astype(jnp.float32)
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    features = {a % x.ndim for a in axes}
-    reduce = tuple(i for i in range(x.ndim) if i not in features)
-    m = jnp.ones_like(x) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.dtype)
-    count_X = jnp.sum(m, axis=reduce)
-    safe = jnp.maximum(count_X, 1.0)
-    mean = jnp.sum(x * m, axis=reduce) / safe
-    centered = (x - jnp.expand_dims(mean, reduce)) * m
-    var = jnp.sum(jnp.square(centered), axis=reduce) / safe
-    return Moments(jnp.max(count_X), mean, var)
-
-
-def pool(moments: list[Moments]) -> Moments:
-    """Moments of the union of the parts, exactly (:func:`pooled_moments`, weights = counts)."""
-    counts = jnp.stack([m.count for m in moments])
-    mean, var = pooled_moments(
-        jnp.stack([m.mean for m in moments]), jnp.stack([m.var for m in moments]), counts
-    )
-    return Moments(jnp.sum(counts), mean, var)
-
-
-def bn_input_moments(
-    model: Any, variables: Variables, x_B: Any, mask_B: Array | None
-) -> LayerMoments:
-    """Every BN layer's input moments on one batch, in a train-mode forward pass (jittable;
-    ``model``: a Linen or NNX model or a :class:`~fedjax_bn.task.Task`).
-
-    A layer called several times in one pass gets the moments of all its calls' inputs.
-    """
-    seen: dict[Path, list[Moments]] = {}
-
-    def record(path: Path, x: Array, mask: Array | None, axis: Any) -> None:
-        seen.setdefault(path, []).append(masked_moments(x, mask, axis))
-
-    as_task(model).adapter.record_bn_inputs(record, variables, x_B, mask_B)
-    return {p: ms[0] if len(ms) == 1 else pool(ms) for p, ms in seen.items()}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _batch_moments(
-    model: Any, variables: Variables, x_CN: Any, n_C: Array, cs: Array, batch_size: int
-) -> LayerMoments:
-    """:func:`bn_input_moments` of client ``c``'s examples ``[s, s + batch_size)``."""
-    c, start = cs[0], cs[1]
-    idx_B = start + jnp.arange(batch_size)
-    mask_B = idx_B < n_C[c]
-    x_B = jax.tree.map(lambda a: jnp.take(a[c], jnp.minimum(idx_B, a.shape[1] - 1), axis=0), x_CN)
-    return bn_input_moments(model, variables, x_B, mask_B)
 
 
 def client_moments(
@@ -125,23 +54,12 @@ def client_moments(
     (batch moments pooled by counts); None for a client with no examples."""
     n = int(jax.device_get(train.n[c]))
     batches = [
-        _batch_moments(model, variables, train.x, train.n, jnp.array([c, s]), batch_size)
+        batch_moments(model, variables, train.x, train.n, jnp.array([c, s]), batch_size)
         for s in range(0, n, batch_size)
     ]
     if not batches:
         return None
     return {p: pool([b[p] for b in batches]) for p in batches[0]}
-
-
-def with_moments(batch_stats: Variables, moments: LayerMoments) -> Variables:
-    """``batch_stats`` with each measured layer's ``mean``/``var`` replaced (dtypes kept)."""
-    flat = flatten(batch_stats)
-    for mean_path, var_path in policy_lib.bn_moment_paths(batch_stats):
-        m = moments.get(mean_path[:-1])
-        if m is not None:
-            flat[mean_path] = m.mean.astype(flat[mean_path].dtype)
-            flat[var_path] = m.var.astype(flat[var_path].dtype)
-    return unflatten(flat)
 
 
 def recalibrate_bn(
@@ -197,31 +115,3 @@ def evaluate_recalibrated(
         return evaluate_global(alg, state, data, batch_size)
     new = recalibrate_bn(alg, state, data, batch_size=recalibrate_batch_size)
     return evaluate_global(alg, new, data, batch_size)
-
-
-def fedavg_batch_stats_only(
-    model: Any, client_tx: optax.GradientTransformation, **kw: Any
-) -> Algorithm:
-    """FedAvg with BN on batch statistics only (``track_running_stats=False`` style).
-
-    Clients train in train mode as FedAvg does, but send no BN statistics and the server keeps
-    none: ``pooled`` stays at the model's initial statistics, meaningful only after
-    :func:`recalibrate_bn`. Its parameters train exactly as FedAvg's (the running statistics
-    never enter a train-mode forward pass). Keywords: ``make_algorithm``'s, except ``policy``
-    and ``bn_train``, which this factory sets.
-    """
-    for owned in ("policy", "bn_train"):
-        if owned in kw:
-            raise TypeError(f"fedavg_batch_stats_only sets {owned!r} itself; it cannot be passed.")
-    name = kw.pop("name", "fedavg_batch_stats_only")
-    base = make_algorithm(model, client_tx, policy="fedavg", name=name, **kw)
-
-    def client_final(carry: Any) -> tuple[Message, ClientState, ClientMetrics]:
-        message, client, metrics = base.client_final(carry)
-        return message._replace(pooled={}), client, metrics
-
-    def server_update(server: ServerState, messages: Message, weights_C: Array) -> ServerState:
-        new = base.server_update(server._replace(pooled={}), messages, weights_C)
-        return new._replace(pooled=server.pooled)
-
-    return base._replace(client_final=client_final, server_update=server_update)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_bn.masks import broadcast_mask
 from fedjax_bn.tree import Variables
 
 Array = jax.Array
@@ -60,17 +61,6 @@ def accuracy(logits_BK: Array, y_B: Array) -> Array:
 
 
 DEFAULT_METRICS: Mapping[str, PerExample] = {"accuracy": accuracy}
-
-
-def broadcast_mask(mask_B: Array, x: Array, where: str) -> Array:
-    """A per-example mask ``[B]`` shaped to broadcast over an activation ``x`` ``[B, ...]``."""
-    if x.ndim == 0 or x.shape[0] != mask_B.shape[0]:
-        raise ValueError(
-            f"{where}: its input has shape {tuple(x.shape)}, but the batch has "
-            f"{mask_B.shape[0]} examples; BatchNorm's input must keep the batch axis first so "
-            "padded examples can be masked out of its statistics."
-        )
-    return mask_B.reshape(mask_B.shape + (1,) * (x.ndim - 1))
 
 
 def _mask_linen_batch_norm(mask_B: Array):

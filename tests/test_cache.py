@@ -1,5 +1,5 @@
-"""The persistent compilation cache: on by default, off on request, and a warm second process
-compiles nothing."""
+"""The persistent compilation cache: off after ``import fedjax_bn``, on with one call, off by
+the environment, and a warm second process compiles nothing."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import jax, optax
 from jax import monitoring
 import fedjax_bn as fb
 from fedjax_bn.data import digits_iid
+
+print("imported", jax.config.jax_compilation_cache_dir)
+fb.enable_compilation_cache()
 
 events = {"requests": 0, "hits": 0}
 def listen(name, **kw):
@@ -56,3 +59,8 @@ def test_second_process_loads_every_program_from_the_cache(tmp_path: Path) -> No
 def test_environment_variable_turns_it_off() -> None:
     off = run("0")
     assert off["dir"] == "None" and int(off["hits"]) == 0
+
+
+def test_import_leaves_jax_configuration_alone(tmp_path: Path) -> None:
+    on = run(str(tmp_path / "jax-cache"))
+    assert on["imported"] == "None" and on["dir"] == str(tmp_path / "jax-cache")

@@ -11,6 +11,7 @@ from fedjax_bn.algorithms.base import (
     model_parts,
     task_of,
 )
+from fedjax_bn.algorithms.batch_stats_only import fedavg_batch_stats_only
 from fedjax_bn.algorithms.fedavg import (
     ClientState,
     Message,
@@ -38,6 +39,7 @@ __all__ = [
     "fedadagrad",
     "fedadam",
     "fedavg",
+    "fedavg_batch_stats_only",
     "fedavgm",
     "fedbn",
     "fedbn_prox",
