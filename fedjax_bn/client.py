@@ -78,7 +78,13 @@ class ClientMetrics(NamedTuple):
     @property
     def accuracy(self) -> Array:
         """The ``accuracy`` metric (NaN where the task has none)."""
-        return self.metrics.get("accuracy", jnp.full_like(self.loss, jnp.nan))
+        return accuracy_of(self)
+
+
+def accuracy_of(result: Any) -> Array:
+    """``result.metrics["accuracy"]``, or NaN shaped like ``result.loss`` where the task has no
+    accuracy (every per-client result type's ``accuracy``)."""
+    return result.metrics.get("accuracy", jnp.full_like(result.loss, jnp.nan))
 
 
 class ClientResult(NamedTuple):

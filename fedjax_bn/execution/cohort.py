@@ -48,6 +48,7 @@ import numpy as np
 
 from fedjax_bn import sampling
 from fedjax_bn.algorithms.base import FedState
+from fedjax_bn.client import accuracy_of
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution import store
 from fedjax_bn.execution.sequential import SequentialRound
@@ -73,7 +74,7 @@ class CohortResult(NamedTuple):
     @property
     def accuracy(self) -> Array:
         """The ``accuracy`` metric (NaN where the task has none)."""
-        return self.metrics.get("accuracy", jnp.full_like(self.loss, jnp.nan))
+        return accuracy_of(self)
 
 
 def size_bucket(n: int, cap: int) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedjax_bn.algorithms.base import Algorithm, FedState
 from fedjax_bn.budgets import budget_weights
+from fedjax_bn.client import accuracy_of
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution.batches import budget_mask, round_batches
 from fedjax_bn.execution.loop import LocalLoop, client_keys, local_steps
@@ -44,7 +45,7 @@ class RoundResult(NamedTuple):
     @property
     def accuracy(self) -> Array:
         """The ``accuracy`` metric (NaN where the task has none)."""
-        return self.metrics.get("accuracy", jnp.full_like(self.loss, jnp.nan))
+        return accuracy_of(self)
 
 
 class Inputs(NamedTuple):
