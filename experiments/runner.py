@@ -226,14 +226,10 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"config.sampler={config.sampler!r} needs config.cohort_size >= 1.")
     model = registry.build_model(config, num_classes=10)
     tx = registry.build_optimizer(config)
-    try:  # factories check their hyperparameters; make_round knows the executors
-        algs = [registry.build_algorithm(a, model, tx, config) for a in config.algorithms]
-        fb.make_round(
-            algs[0],
-            executor=config.executor,
-            batch_size=config.batch_size,
-            client_threads=config.client_threads or None,
-        )
+    try:  # factories check their hyperparameters; RoundOptions the executor options
+        for name in config.algorithms:
+            registry.build_algorithm(name, model, tx, config)
+        round_options(config, population)
     except ConfigError:
         raise
     except ValueError as e:  # e.g. mu < 0, an unknown executor (listing the valid ones)
@@ -355,6 +351,21 @@ def monitor_view(
     return state._replace(clients=clients), x_probe[rows], mask_probe[rows]
 
 
+def round_options(config: Config, num_clients: int) -> fb.RoundOptions:
+    """How the config's rounds run (checked by ``RoundOptions``); 0 in the config is None
+    there (the executor's default, or no cohort)."""
+    return fb.RoundOptions(
+        executor=config.executor,
+        batch_size=config.batch_size,
+        local_epochs=config.local_epochs,
+        client_threads=config.client_threads or None,
+        cohort_size=config.cohort_size or None,
+        sampler=cohort_sampler(config, num_clients),
+        budget=step_budget(config),
+        donate_state=bool(config.cohort_size),  # O(K) state writes a round, not O(N)
+    )
+
+
 def step_budget(config: Config) -> fb.budgets.Budget | None:
     """Stragglers: each client's local steps drawn per round uniformly from
     ``[config.budget_min_steps, config.budget_max_steps]``; None when both are 0."""
@@ -382,17 +393,7 @@ def train_run(
     shape = jax.tree.leaves(data.train.sample_x())[0].shape[1:]
     model = registry.build_model(config, data.num_classes, shape, seed=seeds.init)
     alg = registry.build_algorithm(alg_name, model, registry.build_optimizer(config), config)
-    round_fn = fb.make_round(
-        alg,
-        executor=config.executor,
-        batch_size=config.batch_size,
-        local_epochs=config.local_epochs,
-        client_threads=config.client_threads or None,
-        cohort_size=config.cohort_size or None,
-        sampler=cohort_sampler(config, data.num_clients),
-        budget=step_budget(config),
-        donate_state=bool(config.cohort_size),  # O(K) state writes a round, not O(N)
-    )
+    round_fn = fb.make_round(alg, round_options(config, data.num_clients))
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
     x_probe, mask_probe = monitor.probe_batches(data.train, config.monitor.probe_size)
     state = alg.init(jax.random.key(seeds.init), data.train.sample_x(), data.num_clients)
@@ -432,10 +433,8 @@ def train_run(
             state, result = round_fn(state, data.train, round_key)
             jax.block_until_ready(state)
             seconds = time.perf_counter() - t0
-            # The clients' post-round statistics, when the round returns them (see monitor.py).
-            client_stats = getattr(result, "batch_stats", None)
-            ids = np.asarray(getattr(result, "clients", np.arange(len(result.loss))))
-            div = measure(*monitor_view(state, x_probe, mask_probe, ids, config), client_stats)
+            ids = np.asarray(result.clients)
+            div = measure(*monitor_view(state, x_probe, mask_probe, ids, config))
             quarantined = [int(ids[c]) for c in np.flatnonzero(np.asarray(result.quarantined))]
             if quarantined:
                 print(
@@ -456,7 +455,7 @@ def train_run(
                 "quarantined": quarantined,
                 "cohort": [int(c) for c in ids if c < data.num_clients],
                 "bn_div": float(monitor.mean_over_layers(div["bn"])),
-                "bn_div_source": monitor.stats_source(state, client_stats),
+                "bn_div_source": monitor.stats_source(state),
                 "probe_div": float(monitor.mean_over_layers(div["probe"])),
                 "affine_div": float(monitor.mean_over_layers(div["affine"])),
                 "bn_div_layers": _floats(div["bn"]),

@@ -29,7 +29,7 @@ from fedjax_bn.evaluate import (
     evaluate_model,
     global_variables,
 )
-from fedjax_bn.execution import client_update, make_round
+from fedjax_bn.execution import RoundOptions, RoundResult, client_update, make_round
 from fedjax_bn.models import DigitModel, SeedCNN
 from fedjax_bn.policy import bn_param_mask, merge, partition, pool_batch_stats
 from fedjax_bn.resnet import ResNet, ResNet18
@@ -55,6 +55,8 @@ __all__ = [
     "NnxCNN",
     "ResNet",
     "ResNet18",
+    "RoundOptions",
+    "RoundResult",
     "SeedCNN",
     "Task",
     "ServerState",
