@@ -118,8 +118,8 @@ def init_compiler_options(backend: str | None = None) -> dict[str, Any]:
     shuffle): on CPU, LLVM optimization level 2, not 3.
 
     At XLA:CPU's default level 3 the init (threefry bits and initializers, unrolled per
-    parameter) took 6.8-7.9 s to compile on the 2-core machine (SeedCNN, loaded), at level 2
-    1.8-2.1 s; it runs once, a few ms either way, and its variables are bitwise those of level 3
+    parameter) compiles several times slower than at level 2 (figures and command in
+    ``docs/startup.md``); it runs once, and its variables are bitwise those of level 3
     (``tests/test_algorithms.py``). The shuffle is integer-only, so no level changes its bits.
     The train steps gain nothing from a lower level (same compile seconds, and their results
     change), so they keep the default. A level set in ``XLA_FLAGS`` wins (the test suite

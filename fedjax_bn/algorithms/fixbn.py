@@ -34,10 +34,10 @@ FedAvg family's ``persist_client_optimizer``. ``keep_momentum`` says when:
 
 The two phases are two *stages* of the algorithm (``Algorithm.stages``): the executors pick the
 stage by the round on the host and compile each stage's step once, so a local step is a plain
-train step of one BN mode (a ``lax.cond`` between the modes in every step ran 4-6x slower on
-XLA:CPU, which runs convolutions inside control flow slowly). The algorithm's own functions,
-for callers that drive them directly, choose the phase from the server's round counter with
-that ``lax.cond`` and give the same results.
+train step of one BN mode (a ``lax.cond`` between the modes in every step ran several times
+slower on XLA:CPU, which runs convolutions inside control flow slowly: ``docs/design.md``).
+The algorithm's own functions, for callers that drive them directly, choose the phase from the
+server's round counter with that ``lax.cond`` and give the same results.
 """
 
 from __future__ import annotations
