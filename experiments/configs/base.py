@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 5  # save the run state (orbax) every this many rounds, and at the end
     c.keep_checkpoints = 2  # how many of a run's latest checkpoints are kept
     c.progress = True  # tqdm bar per run
+    c.tensorboard = True  # TensorBoard events in <out_dir>/tensorboard (tensorboardX)
     # jax's persistent compilation cache: runs sharing programs (and every later invocation)
     # skip most of the first round's compilation. Empty: disabled.
     c.compilation_cache = "~/.cache/fedjax_bn/jax"
