@@ -2,17 +2,16 @@
 in-process rounds when run through Flower's simulation engine.
 
 Flower's ``run_simulation`` runs ClientApps on a Ray backend, and ``ray`` is not installed
-here (nor in the ``test`` extra): the engine's backend is replaced by :class:`ThreadBackend`,
-which runs each ClientApp in-process the way Ray's actor does (``app(message, context)``).
-Everything else is Flower's own: the LinkState, the in-memory Grid, the SuperNodes' contexts,
-the ServerApp thread and the Message/Record serialization.
+here (nor in the ``test`` extra): the engine's backend is replaced by
+``flower_harness.ThreadBackend``, which runs each ClientApp in-process the way Ray's actor does
+(``app(message, context)``). Everything else is Flower's own: the LinkState, the in-memory
+Grid, the SuperNodes' contexts, the ServerApp thread and the Message/Record serialization.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,8 @@ import pytest
 flwr = pytest.importorskip("flwr")
 
 from conftest import CounterModel, assert_trees_equal, make_clients  # noqa: E402
+from flower_harness import ThreadBackend, without_ray  # noqa: E402
 from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.server.superlink.fleet.vce.backend import Backend  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 import fedjax_bn as fb  # noqa: E402
@@ -41,40 +40,10 @@ ROUNDS = 3
 SEED = 0
 
 
-class ThreadBackend(Backend):
-    """Flower's simulation backend without Ray: one worker running the ClientApp in-process."""
-
-    seen: dict[int, tuple[Context, Message]] = {}  # partition id -> its last context, reply
-
-    def __init__(self, backend_config) -> None:
-        self.app_fn = None
-
-    def build(self, app_fn) -> None:
-        self.app_fn = app_fn
-
-    @property
-    def num_workers(self) -> int:
-        return 1
-
-    def is_worker_idle(self) -> bool:
-        return True
-
-    def terminate(self) -> None:
-        pass
-
-    def process_message(self, message: Message, context: Context):
-        reply = self.app_fn()(message=message, context=context)
-        ThreadBackend.seen[int(context.node_config["partition-id"])] = (context, reply)
-        return reply, context
-
-
 @pytest.fixture
 def no_ray(monkeypatch):
-    """Route the engine's backend import to :class:`ThreadBackend`; no telemetry."""
-    module = types.ModuleType("raybackend")
-    module.RayBackend = ThreadBackend
-    monkeypatch.setitem(sys.modules, "flwr.server.superlink.fleet.vce.backend.raybackend", module)
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    """Flower's simulation engine on ``ThreadBackend``, no telemetry."""
+    without_ray(monkeypatch)
 
 
 def orders(c: int, r: int) -> list[np.ndarray]:

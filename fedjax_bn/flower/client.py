@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedjax_bn.algorithms.base import Algorithm, stage_at
+from fedjax_bn.algorithms.base import Algorithm, stage_at, task_of
 from fedjax_bn.execution.batches import batches_from_order, round_batches
 from fedjax_bn.execution.loop import client_key, local_steps
 from fedjax_bn.execution.plan import schedule
@@ -69,10 +69,13 @@ class ClientRunner:
     def templates(self, x_N: Any) -> tuple[Any, Any]:
         """(server state, one client's row) as shapes, for data shaped like ``x_N``."""
         sample = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), x_N)
-        state = jax.eval_shape(lambda x: self.alg.init(jax.random.key(0), x, 1), sample)
-        return state.server, jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.clients
-        )
+        task = task_of(self.alg)
+        # Shapes only, nothing compiles: init from the model's variable shapes (a variables
+        # dict skips init's own jit, whose compiler options a trace may not carry).
+        variables = jax.eval_shape(lambda x: task.init(jax.random.key(0), x), sample)
+        state = jax.eval_shape(lambda v, x: self.alg.init(v, x, 1), dict(variables), sample)
+        row = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.clients)
+        return state.server, row
 
     def batches(self, key: jax.Array, n: int, orders: Sequence[np.ndarray] | None):
         """This client's round layout ``(idx [S, B], mask [S, B])`` over its own ``n`` examples:
