@@ -31,8 +31,8 @@ import fedjax_bn.flower  # noqa: E402, F401
 from fedjax_bn.execution import batches_from_order  # noqa: E402
 from fedjax_bn.flower import client_app, from_record, server_app, to_record  # noqa: E402
 from fedjax_bn.flower.client import STATE_KEY, ClientRunner, train_reply  # noqa: E402
-from fedjax_bn.flower.records import leaf_paths  # noqa: E402
-from fedjax_bn.flower.server import round_key  # noqa: E402
+from fedjax_bn.flower.records import leaf_paths, stack_trees  # noqa: E402
+from fedjax_bn.flower.server import ServerRunner, round_key  # noqa: E402
 
 SIZES = (7, 5, 9)  # three clients, none a multiple of the batch: partial, masked batches
 BATCH = 4
@@ -162,3 +162,43 @@ def test_import_fedjax_bn_does_not_import_flower_and_a_missing_flower_says_what_
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert 'pip install "fedjax_bn[flower]"' in out.stdout
+
+
+def test_a_sampled_cohort_trains_and_clients_that_sit_out_keep_their_state(
+    no_ray, monkeypatch
+) -> None:
+    alg = algorithms()["fedbn_prox"]
+    train = make_clients(0, SIZES)
+    data = [train.client(c) for c in range(len(SIZES))]
+    picks = iter([0, 1, 0])  # the node trains, sits round 2 out, trains again in round 3
+
+    def sample_nodes(grid, min_available, size):  # Flower's, made deterministic
+        nodes = sorted(grid.get_node_ids())
+        return [nodes[next(picks)]], nodes
+
+    monkeypatch.setattr(fedjax_bn.flower.server, "sample_nodes", sample_nodes)
+    cohorts, out = [], {}
+    capp = client_app(alg, lambda ctx: data[int(ctx.node_config["partition-id"])], batch_size=BATCH)
+    sapp = server_app(
+        alg,
+        train.x[0, :1],
+        num_clients=3,
+        num_rounds=3,
+        fraction_train=0.34,
+        min_train_nodes=1,
+        on_round=lambda r, s, metrics: cohorts.append(metrics["client_id"].tolist()),
+        on_done=lambda server, _: out.update(server=server),
+    )
+    run_simulation(sapp, capp, num_supernodes=len(SIZES), backend_name="thread")
+    assert len(cohorts) == 3 and cohorts[0] == cohorts[2] != cohorts[1], cohorts
+
+    # The same rounds replayed without Flower, each client's row held here: equal bitwise
+    # only if the node that sat round 2 out started round 3 from the row it kept.
+    ref = ServerRunner(alg, jax.random.key(SEED), train.x[0, :1], 3)
+    rows, client = dict.fromkeys(range(3), ref.init_row), ClientRunner(alg, batch_size=BATCH)
+    for r, cohort in enumerate(cohorts):
+        outs = [client.run(ref.server, rows[c], *data[c], round_key(SEED, r), c, r) for c in cohort]
+        rows.update({c: o[1] for c, o in zip(cohort, outs, strict=True)})
+        weights = np.asarray([SIZES[c] for c in cohort])
+        ref.fold(stack_trees([o[0] for o in outs]), stack_trees([o[2] for o in outs]), weights)
+    assert_trees_equal(ref.server, out["server"])
