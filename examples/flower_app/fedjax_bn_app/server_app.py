@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 from flwr.app import Context
@@ -21,10 +23,14 @@ def main(grid: Grid, context: Context) -> None:
         algorithm(cfg), jax.random.key(int(cfg["seed"])), sample_x(), int(cfg["num-clients"])
     )
 
+    last = [time.perf_counter()]
+
     def report(round_: int, server, metrics) -> None:
+        now = time.perf_counter()
+        seconds, last[0] = now - last[0], now
         print(
             f"round {round_}: clients {metrics['client_id'].tolist()} "
-            f"loss {np.round(metrics['loss'], 4).tolist()}",
+            f"loss {np.round(metrics['loss'], 4).tolist()} seconds {seconds:.2f}",
             flush=True,
         )
 
