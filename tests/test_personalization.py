@@ -304,3 +304,27 @@ def test_fedper_fallback_is_the_averaged_head() -> None:
     x, y = data.test.client(1)
     assert result.loss[1] == evaluate_model(alg.task, model, x, y).loss
     assert result.loss[0] == fb.evaluate_clients(alg, state, data).loss[0]
+
+
+# --- registry and config ---------------------------------------------------------------------
+
+
+def test_personalization_config_builds_every_algorithm_on_its_model() -> None:
+    from experiments import registry
+    from experiments.configs import personalization
+
+    config = personalization.get_config()
+    config.model.widths, config.model.hidden = (4,), 8
+    model = registry.build_model(config, 3)
+    for name in registry.names(config.algorithms):
+        alg = registry.build_algorithm(name, model, sgd(), config)
+        state = jax.eval_shape(lambda k, a=alg: a.init(k, SAMPLE_X, C), jax.random.key(0))
+        personal_head = has_module(state.clients, config.head)
+        assert personal_head == (name in ("fedper", "fedper_fedbn", "fedrep", "ditto"))
+        assert has_module(state.server, config.head) == (
+            name not in ("fedper", "fedper_fedbn", "fedrep")
+        )
+    config.head = "Dense"  # a substring of Dense_0 and Dense_1, no component: an error
+    with pytest.raises(ValueError, match="ConvBNReLU_0, Dense_0, Dense_1"):
+        alg = registry.build_algorithm("fedper", model, sgd(), config)
+        jax.eval_shape(lambda k: alg.init(k, SAMPLE_X, C), jax.random.key(0))

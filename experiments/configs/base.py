@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     # statistics (half of the default 40 rounds, the paper's exploration/calibration split).
     c.fix_round = 20
     c.head = "Dense_1"  # fedper/fedrep/lg_fedavg: head modules (seed_cnn's classifier layer)
-    c.head_steps = 10  # fedrep: local steps per round that train the head alone, body frozen
+    c.head_steps = 2  # fedrep: local steps per round that train the head alone, body frozen
     c.ditto_lambda = 0.1  # ditto: proximal weight of the personal model towards the global one
     c.out_dir = ""  # empty: results/<name>-<timestamp>
     c.recalibrate = False  # evaluate fedavg-policy models after exact BN recalibration
