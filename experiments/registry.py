@@ -83,6 +83,14 @@ def _renormed(model: nn.Module, norm: str) -> nn.Module:
     return model.clone(norm=norm)
 
 
+def _head(config: Config) -> tuple[str, ...]:
+    """The head's module names (``config.head``, comma-separated), or a ConfigError."""
+    head = names(config.head)
+    if not head:
+        raise ConfigError("config.head is empty; name the model's head module (e.g. Dense_1).")
+    return head
+
+
 def _server_lr(config: Config) -> dict[str, float]:
     """``server_lr=config.server_lr`` when it is set (> 0), else nothing (the default)."""
     return {"server_lr": config.server_lr} if config.server_lr else {}
@@ -117,6 +125,16 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     "fedavg_batch_stats_only": lambda m, tx, c: fedavg_batch_stats_only(m, tx, **_common(c)),
     # FedAvg evaluated after exact BN recalibration over all clients' data (HeteroFL's static BN).
     "fedavg_recal": lambda m, tx, c: fb.fedavg(m, tx, name="fedavg_recal", **_common(c)),
+    # Personalization baselines (docs/personalization.md); config.head names the head modules.
+    "fedper": lambda m, tx, c: fb.fedper(m, tx, head=_head(c), **_common(c)),
+    "fedper_fedbn": lambda m, tx, c: fb.fedper(
+        m, tx, head=_head(c), policy="fedbn", name="fedper_fedbn", **_common(c)
+    ),
+    "lg_fedavg": lambda m, tx, c: fb.lg_fedavg(m, tx, head=_head(c), **_common(c)),
+    "fedrep": lambda m, tx, c: fb.fedrep(
+        m, tx, head=_head(c), head_steps=c.head_steps, **_common(c)
+    ),
+    "ditto": lambda m, tx, c: fb.ditto(m, tx, lam=c.ditto_lambda, **_common(c)),
     # The same model with another normalization (no BN: nothing local under any policy).
     "fedavg_group": lambda m, tx, c: fb.fedavg(
         _renormed(m, "group"), tx, name="fedavg_group", **_common(c)

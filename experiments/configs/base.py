@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     # fixbn: rounds < fix_round are FedAvg, later rounds train BN on the frozen global
     # statistics (half of the default 40 rounds, the paper's exploration/calibration split).
     c.fix_round = 20
+    c.head = "Dense_1"  # fedper/fedrep/lg_fedavg: head modules (seed_cnn's classifier layer)
+    c.head_steps = 2  # fedrep: local steps per round that train the head alone, body frozen
+    c.ditto_lambda = 0.1  # ditto: proximal weight of the personal model towards the global one
     c.out_dir = ""  # empty: results/<name>-<timestamp>
     c.recalibrate = False  # evaluate fedavg-policy models after exact BN recalibration
     c.cohort_size = 0  # clients sampled per round (by `sampler`); 0: every client every round

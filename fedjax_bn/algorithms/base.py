@@ -144,3 +144,12 @@ def client_variables(state: FedState, c: int) -> Variables:
     """Client ``c``'s personal model: the global leaves plus its own local leaves."""
     local = jax.tree.map(lambda a: a[c], state.clients.local)
     return merge(state.server.shared, state.server.pooled, local)
+
+
+def personal_variables(state: FedState, c: int) -> Variables:
+    """Client ``c``'s own whole personal model where its algorithm keeps one (a ``personal``
+    client field, Ditto) and it has trained (``rounds > 0``); else :func:`client_variables`."""
+    personal = getattr(state.clients, "personal", None)
+    if personal is None or int(jax.device_get(state.clients.rounds[c])) == 0:
+        return client_variables(state, c)
+    return jax.tree.map(lambda a: a[c], personal)

@@ -30,6 +30,7 @@ from fedjax_bn.client import Batch, ClientMetrics, LocalState, LocalTraining
 from fedjax_bn.policy import (
     BN_STATS,
     BnStats,
+    LocalSpec,
     Policy,
     check_policy,
     float_leaves,
@@ -126,6 +127,7 @@ def make_algorithm(
     bn_stats: BnStats = "pooled",
     clip_norm: float | None = None,
     normalize: str | None = None,
+    local: LocalSpec = (),
     name: str | None = None,
     loss: PerExample | None = None,
     metrics: Mapping[str, PerExample] | None = None,
@@ -144,6 +146,10 @@ def make_algorithm(
     the shared float parameters is scaled to at most this L2 norm before averaging (a guard
     against exploding clients, next to the executors' NaN quarantine). ``normalize="fednova"``:
     FedNova's normalized averaging of the shared float parameters (``algorithms/fednova.py``).
+    ``local``: modules kept per client under any policy (personalization, ``policy.py``): names
+    matched as module-path components (``("Dense_1",)``: FedPer's head), ``AllBut(names)``
+    (LG-FedAvg's body) or a predicate over module paths; their ``params`` and ``batch_stats``
+    never leave the client. A name that matches no module is a ValueError at ``init``.
 
     The task (``fedjax_bn.task``): ``model`` is a Linen module as written (its mode parameter,
     ``train`` or ``train_kw``, is passed by keyword at every call whatever its default) or an
@@ -167,7 +173,7 @@ def make_algorithm(
     def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
         check_num_clients(num_clients)
         variables = init_variables(task, rng_or_variables, sample_x)
-        parts = partition(variables, policy)
+        parts = partition(variables, policy, local)
         opt = client_tx.init(variables["params"]) if persist_client_optimizer else None
         server = ServerState(parts.shared, parts.pooled, server_tx_init(server_tx, parts.shared))
         clients = repeat_clients(ClientState(parts.local, opt), num_clients)
@@ -183,7 +189,7 @@ def make_algorithm(
         return carry._replace(local=local)
 
     def client_final(carry: Carry) -> tuple[Message, ClientState, ClientMetrics]:
-        parts = partition(carry.local.variables, policy)
+        parts = partition(carry.local.variables, policy, local)
         opt = carry.local.opt_state if persist_client_optimizer else None
         metrics = client_lib.metrics(carry.local)
         steps = carry.local.steps if normalize else None
