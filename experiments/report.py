@@ -21,6 +21,13 @@ Row = dict[str, Any]
 FINAL_METRICS = ("global_acc", "client_acc", "train_loss", "bn_div", "probe_div", "affine_div")
 # Columns every history row has; any other ``train_<name>``/``global_<name>`` is a task metric.
 BUILTIN_COLUMNS = frozenset({"train_loss", "train_acc", "global_loss", "global_acc"})
+DP_METRICS = ("epsilon", "dp_clip")  # DP runs only: epsilon after the round, the clip it set
+
+
+def dp_columns(rows: Iterable[Row]) -> list[str]:
+    """The DP columns present in ``rows`` (none for a run without DP)."""
+    keys = {k for r in rows for k in r}
+    return [k for k in DP_METRICS if k in keys]
 
 
 def metric_columns(rows: Iterable[Row]) -> list[str]:
@@ -85,7 +92,8 @@ def run_summary(rows: Sequence[Row]) -> Row:
     """Final metrics of one run; ``sec_per_round`` excludes round 1 (it compiles)."""
     seconds = [r["seconds"] for r in rows]
     steady = seconds[1:] or seconds
-    out = {k: last_value(rows, k) for k in (*FINAL_METRICS, *metric_columns(rows))}
+    keys = (*FINAL_METRICS, *metric_columns(rows), *dp_columns(rows))
+    out = {k: last_value(rows, k) for k in keys}
     out.update(
         setting=rows[0]["setting"],
         algorithm=rows[0]["algorithm"],
@@ -114,7 +122,7 @@ def aggregate(runs: Sequence[Row]) -> dict[str, dict[str, dict[str, Any]]]:
         groups[(run["setting"], run["algorithm"])].append(run)
     out: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for (setting, alg), group in groups.items():
-        metrics = (*FINAL_METRICS, *metric_columns(group), "sec_per_round")
+        metrics = (*FINAL_METRICS, *metric_columns(group), *dp_columns(group), "sec_per_round")
         out[setting][alg] = {m: mean_std(r.get(m) for r in group) for m in metrics}
         out[setting][alg]["seeds"] = [r["seed"] for r in group]
         out[setting][alg]["bn_div_source"] = group[-1]["bn_div_source"]
@@ -166,7 +174,8 @@ def source_notes(sources: Iterable[str | None]) -> list[str]:
 def _columns(per_alg: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     """:data:`TABLE_COLUMNS`, then one per task-metric column any algorithm has."""
     extra = metric_columns(per_alg.values())
-    return [*TABLE_COLUMNS, *((k.replace("_", " ", 1), k, ".3g") for k in extra)]
+    dp = [("epsilon", "epsilon", ".3g")] if "epsilon" in dp_columns(per_alg.values()) else []
+    return [*TABLE_COLUMNS, *((k.replace("_", " ", 1), k, ".3g") for k in extra), *dp]
 
 
 def _row_cells(stats: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> list[str]:

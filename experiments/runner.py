@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import fedjax_bn as fb
-from experiments import evaluation, registry, report
+from experiments import evaluation, privacy, registry, report
 from experiments.configs import base
 from fedjax_bn import monitor
 from fedjax_bn.algorithms import model_parts
@@ -118,6 +118,13 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("optim.weight_decay", float, 0),
     Bound("optim.momentum", float, 0),
     Bound("monitor.probe_size", int, 1),
+    Bound("dp.noise_multiplier", float, 0),
+    Bound("dp.clip_norm", float, 0, strict=True),
+    Bound("dp.target_epsilon", float, 0, note=" (0: use dp.noise_multiplier)"),
+    Bound("dp.delta", float, 0, high=1, high_strict=True),
+    Bound("dp.q", float, 0, high=1),
+    Bound("dp.target_quantile", float, 0, high=1, high_strict=True),
+    Bound("dp.clip_learning_rate", float, 0, strict=True),
 )
 
 
@@ -224,6 +231,10 @@ def validate(config: Config) -> Config:
         raise ConfigError("config.budget_min_steps needs config.budget_max_steps >= it.")
     if config.sampler != "uniform" and not config.cohort_size:
         raise ConfigError(f"config.sampler={config.sampler!r} needs config.cohort_size >= 1.")
+    try:
+        privacy.check(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     model = registry.build_model(config, num_classes=10)
     tx = registry.build_optimizer(config)
     try:  # factories check their hyperparameters; make_round knows the executors
@@ -382,16 +393,20 @@ def train_run(
     shape = jax.tree.leaves(data.train.sample_x())[0].shape[1:]
     model = registry.build_model(config, data.num_classes, shape, seed=seeds.init)
     alg = registry.build_algorithm(alg_name, model, registry.build_optimizer(config), config)
+    cohort_size, sampler = config.cohort_size or None, cohort_sampler(config, data.num_clients)
+    if privacy.enabled(config):  # Poisson or fixed-size cohorts the accountant can reason about
+        cohort_size, sampler = privacy.sampler(config)
+        epsilons = privacy.epsilons(config, config.rounds)
     round_fn = fb.make_round(
         alg,
         executor=config.executor,
         batch_size=config.batch_size,
         local_epochs=config.local_epochs,
         client_threads=config.client_threads or None,
-        cohort_size=config.cohort_size or None,
-        sampler=cohort_sampler(config, data.num_clients),
+        cohort_size=cohort_size,
+        sampler=sampler,
         budget=step_budget(config),
-        donate_state=bool(config.cohort_size),  # O(K) state writes a round, not O(N)
+        donate_state=bool(cohort_size),  # O(K) state writes a round, not O(N)
     )
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
     x_probe, mask_probe = monitor.probe_batches(data.train, config.monitor.probe_size)
@@ -467,6 +482,8 @@ def train_run(
             weights = result.num_seen * ~result.quarantined
             for name, values in task_metrics(result.metrics).items():  # beyond accuracy
                 row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
+            if privacy.enabled(config):
+                row.update(epsilon=epsilons[rnd - 1], dp_clip=float(state.server.dp.clip))
             seen.update(row["cohort"])
             final = rnd == config.rounds
             if rnd == 1 or rnd % config.eval_every == 0 or final:
@@ -495,9 +512,11 @@ def train_run(
             if rnd % config.checkpoint_every == 0 or rnd == config.rounds:
                 ckpt.save(rnd, state, key, history_offset=writer.offset())
                 saved = rnd
-            bar.set_postfix(
-                loss=f"{row['train_loss']:.3f}", acc="-" if acc is None else f"{acc:.3f}"
-            )
+            postfix = {"loss": f"{row['train_loss']:.3f}"}
+            postfix["acc"] = "-" if acc is None else f"{acc:.3f}"
+            if "epsilon" in row:
+                postfix["eps"] = f"{row['epsilon']:.3g}"
+            bar.set_postfix(postfix)
     except KeyboardInterrupt:
         if rows and saved < rows[-1]["round"]:  # the last finished round, for --resume
             try:
