@@ -15,6 +15,13 @@ Row = dict[str, Any]
 FINAL_METRICS = ("global_acc", "client_acc", "train_loss", "bn_div", "probe_div", "affine_div")
 # Columns every history row has; any other ``train_<name>``/``global_<name>`` is a task metric.
 BUILTIN_COLUMNS = frozenset({"train_loss", "train_acc", "global_loss", "global_acc"})
+DP_METRICS = ("epsilon", "dp_clip")  # DP runs only: epsilon after the round, the clip it set
+
+
+def dp_columns(rows: Iterable[Row]) -> list[str]:
+    """The DP columns present in ``rows`` (none for a run without DP)."""
+    keys = {k for r in rows for k in r}
+    return [k for k in DP_METRICS if k in keys]
 
 
 def metric_columns(rows: Iterable[Row]) -> list[str]:
@@ -58,7 +65,8 @@ def run_summary(rows: Sequence[Row]) -> Row:
     """Final metrics of one run; ``sec_per_round`` excludes round 1 (it compiles)."""
     seconds = [r["seconds"] for r in rows]
     steady = seconds[1:] or seconds
-    out = {k: last_value(rows, k) for k in (*FINAL_METRICS, *metric_columns(rows))}
+    keys = (*FINAL_METRICS, *metric_columns(rows), *dp_columns(rows))
+    out = {k: last_value(rows, k) for k in keys}
     out.update(
         setting=rows[0]["setting"],
         algorithm=rows[0]["algorithm"],

@@ -20,6 +20,7 @@ import ml_collections
 import optax
 
 import fedjax_bn as fb
+from experiments import privacy
 from fedjax_bn import data as fbd
 from fedjax_bn.data import augment
 from fedjax_bn.recalibrate import fedavg_batch_stats_only
@@ -63,11 +64,13 @@ LOSSES: dict[str, Callable[[Config], dict[str, Any]]] = {
 def _common(config: Config) -> dict[str, Any]:
     """Options every factory takes: ``clip_norm`` when ``config.clip_norm`` is set (> 0),
     ``augment`` when ``config.augment`` names one, ``loss``/``metrics`` for a non-default
-    ``config.loss``."""
+    ``config.loss``, ``dp`` when ``config.dp.enabled``."""
     out: dict[str, Any] = {"clip_norm": config.clip_norm} if config.clip_norm else {}
     if config.augment:
         out["augment"] = lookup(AUGMENTS, config.augment, "augment")
     out.update(lookup(LOSSES, config.loss, "loss function")(config))
+    if privacy.enabled(config):
+        out["dp"] = privacy.gaussian(config)
     return out
 
 

@@ -23,6 +23,7 @@ from experiments.history import (  # noqa: F401  (re-exported: report.read_histo
     FINAL_METRICS,
     Row,
     clean,
+    dp_columns,
     history_path,
     last_value,
     metric_columns,
@@ -50,7 +51,7 @@ def aggregate(runs: Sequence[Row]) -> dict[str, dict[str, dict[str, Any]]]:
         groups[(run["setting"], run["algorithm"])].append(run)
     out: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for (setting, alg), group in groups.items():
-        metrics = (*FINAL_METRICS, *metric_columns(group), "sec_per_round")
+        metrics = (*FINAL_METRICS, *metric_columns(group), *dp_columns(group), "sec_per_round")
         out[setting][alg] = {m: mean_std(r.get(m) for r in group) for m in metrics}
         out[setting][alg]["seeds"] = [r["seed"] for r in group]
         out[setting][alg]["bn_div_source"] = group[-1]["bn_div_source"]
@@ -76,7 +77,8 @@ TABLE_COLUMNS = (
 def _columns(per_alg: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     """:data:`TABLE_COLUMNS`, then one per task-metric column any algorithm has."""
     extra = metric_columns(per_alg.values())
-    return [*TABLE_COLUMNS, *((k.replace("_", " ", 1), k, ".3g") for k in extra)]
+    dp = [("epsilon", "epsilon", ".3g")] if "epsilon" in dp_columns(per_alg.values()) else []
+    return [*TABLE_COLUMNS, *((k.replace("_", " ", 1), k, ".3g") for k in extra), *dp]
 
 
 def _row_cells(stats: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> list[str]:

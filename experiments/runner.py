@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 import fedjax_bn as fb
-from experiments import plots, registry, report, train
+from experiments import plots, privacy, registry, report, train
 from experiments.configs import base
 from experiments.train import Seeds, derive_seeds, train_run  # noqa: F401  (re-exported)
 from fedjax_bn.execution import EXECUTORS
@@ -97,6 +97,13 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("optim.weight_decay", float, 0),
     Bound("optim.momentum", float, 0),
     Bound("monitor.probe_size", int, 1),
+    Bound("dp.noise_multiplier", float, 0),
+    Bound("dp.clip_norm", float, 0, strict=True),
+    Bound("dp.target_epsilon", float, 0, note=" (0: use dp.noise_multiplier)"),
+    Bound("dp.delta", float, 0, high=1, high_strict=True),
+    Bound("dp.q", float, 0, high=1),
+    Bound("dp.target_quantile", float, 0, high=1, high_strict=True),
+    Bound("dp.clip_learning_rate", float, 0, strict=True),
 )
 
 
@@ -203,6 +210,10 @@ def validate(config: Config) -> Config:
         raise ConfigError("config.budget_min_steps needs config.budget_max_steps >= it.")
     if config.sampler != "uniform" and not config.cohort_size:
         raise ConfigError(f"config.sampler={config.sampler!r} needs config.cohort_size >= 1.")
+    try:
+        privacy.check(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     registry.lookup(registry.MODELS, config.model.name, "model")
     registry.lookup(registry.OPTIMIZERS, config.optim.name, "optimizer")
     registry.lookup(dict.fromkeys(EXECUTORS), config.executor, "executor")

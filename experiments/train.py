@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 import fedjax_bn as fb
-from experiments import evaluation, history, registry, writers
+from experiments import evaluation, history, privacy, registry, writers
 from fedjax_bn import monitor
 from fedjax_bn.algorithms import model_parts
 from fedjax_bn.checkpoint import Checkpointer
@@ -56,6 +56,7 @@ class Run(NamedTuple):
     held: Any  # the held-out clients, or None
     seed: int  # the experiment seed
     seeds: Seeds  # derived from it
+    epsilons: Any = None  # DP runs: epsilon after each round (privacy.epsilons), else None
 
 
 def cohort_sampler(config: Config, num_clients: int) -> Any:
@@ -77,16 +78,19 @@ def step_budget(config: Config) -> fb.budgets.Budget | None:
 def make_round_fn(config: Config, alg: fb.Algorithm, num_clients: int) -> Any:
     """The configured round function of ``alg`` over ``num_clients`` (all of the config's
     execution fields are read here and only here)."""
+    cohort_size, sampler = config.cohort_size or None, cohort_sampler(config, num_clients)
+    if privacy.enabled(config):  # Poisson or fixed-size cohorts the accountant can reason about
+        cohort_size, sampler = privacy.sampler(config)
     return fb.make_round(
         alg,
         executor=config.executor,
         batch_size=config.batch_size,
         local_epochs=config.local_epochs,
         client_threads=config.client_threads or None,
-        cohort_size=config.cohort_size or None,
-        sampler=cohort_sampler(config, num_clients),
+        cohort_size=cohort_size,
+        sampler=sampler,
         budget=step_budget(config),
-        donate_state=bool(config.cohort_size),  # O(K) state writes a round, not O(N)
+        donate_state=bool(cohort_size),  # O(K) state writes a round, not O(N)
     )
 
 
@@ -107,7 +111,8 @@ def build_run(config: Config, data: FederatedData, alg_name: str, seed: int) -> 
         raise ConfigError(f"{alg_name}: {e}") from e
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
     probe = monitor.probe_batches(data.train, config.monitor.probe_size)
-    return Run(alg, round_fn, measure, probe, data, held, seed, seeds)
+    epsilons = privacy.epsilons(config, config.rounds) if privacy.enabled(config) else None
+    return Run(alg, round_fn, measure, probe, data, held, seed, seeds, epsilons)
 
 
 def _mean_by(values: Any, weights: Any) -> float:
@@ -295,6 +300,8 @@ def train_run(
             jax.block_until_ready(state)
             row = {"setting": setting, "algorithm": alg_name, "seed": seed, "round": rnd}
             row.update(round_row(run, config, state, result, time.perf_counter() - t0))
+            if run.epsilons is not None:  # DP: the guarantee after this round, the clip it used
+                row.update(epsilon=run.epsilons[rnd - 1], dp_clip=float(state.server.dp.clip))
             if row["quarantined"]:
                 print(
                     f"warning: {setting} {alg_name} seed={seed} round {rnd}: clients "

@@ -96,4 +96,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.monitor.probe_size = 64  # examples per client in the fixed probe batch
 
     c.eval_batch_size = 256  # batch size of evaluation only
+
+    # DP-FedAvg (fedjax_bn.privacy, docs/privacy.md), for every algorithm of the run.
+    c.dp = ml_collections.ConfigDict()
+    c.dp.enabled = False  # True: every algorithm of the run trains with DP-FedAvg
+    c.dp.noise_multiplier = 1.0  # z: noise std z * clip on the sum of clipped updates
+    c.dp.clip_norm = 1.0  # L2 clip of each client's whole update (the start when adaptive)
+    c.dp.target_epsilon = 0.0  # > 0: calibrate noise_multiplier to it for config.rounds
+    c.dp.delta = 0.0  # 0: 1 / (number of training clients)
+    c.dp.q = 0.0  # > 0: Poisson sampling at this rate (cohort_size: the bucket, 0: auto)
+    c.dp.target_quantile = 0.0  # > 0: adaptive clipping toward this quantile of update norms
+    c.dp.clip_learning_rate = 0.2  # adaptive clipping's geometric step
+    c.dp.accountant = "rdp"  # rdp | pld (dp_accounting)
     return c

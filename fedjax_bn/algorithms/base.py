@@ -24,6 +24,10 @@ the switch is a host-side choice between programs instead of a ``lax.cond`` in e
 Every stage has the same state layout; the algorithm's own functions stay valid for callers
 that drive them directly.
 
+``update_empty`` (default False): whether ``server_update`` must run on a round where no
+client counts (all weights zero: an empty cohort, every client quarantined). Without it the
+server state stays as it was; DP-FedAvg sets it, since its noise is released every round.
+
 The state is ``FedState(server, clients, round)``: ``server`` is replicated; every leaf of
 ``clients`` has a leading client axis. Executors gather, run, scatter, place and shard
 ``clients`` by that layout, never by field names. An algorithm's server and client states are
@@ -69,6 +73,7 @@ class Algorithm(NamedTuple):
     server_update: Callable[[Any, Any, Array], Any]
     local: Any = None  # the LocalTraining spec where the algorithm has one (models, tests)
     stages: tuple[tuple[int, Any], ...] = ()  # ((first_round, Algorithm), ...), see above
+    update_empty: bool = False  # server_update runs even when no client counts (DP's noise)
 
     @property
     def task(self) -> Task:

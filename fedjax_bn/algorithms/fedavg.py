@@ -10,6 +10,7 @@ keep their value and dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -39,6 +40,8 @@ from fedjax_bn.policy import (
     pool_batch_stats,
     with_leaves,
 )
+from fedjax_bn.privacy.dp_fedavg import privatize
+from fedjax_bn.privacy.gaussian import Gaussian
 from fedjax_bn.task import Augment, PerExample, make_task
 from fedjax_bn.tree import Variables, check_same_structure, repeat_clients
 
@@ -133,6 +136,7 @@ def make_algorithm(
     metrics: Mapping[str, PerExample] | None = None,
     augment: Augment | None = None,
     train_kw: str = "train",
+    dp: Gaussian | None = None,
 ) -> Algorithm:
     """Build an algorithm from a BN policy (``policy.py``) and local/server options.
 
@@ -157,8 +161,16 @@ def make_algorithm(
     (default: softmax cross-entropy on integer labels); ``metrics={name: fn(outputs, y) ->
     [B]}`` (default accuracy with the default loss, none with a custom one); ``augment(key,
     x_B) -> x_B`` runs in the jitted step on training batches only.
+
+    ``dp=fedjax_bn.privacy.gaussian(noise_multiplier=, clip_norm=)``: DP-FedAvg (McMahan et
+    al. 2018): each client's update of everything it sends is clipped jointly, the server
+    noises the sum and divides by the expected cohort size (uniform weights). Under
+    ``fedavg`` the BN statistics travel inside the clipped, noised update; under ``fedbn`` and
+    ``silobn`` they stay local (``fedjax_bn/privacy/dp_fedavg.py``, ``docs/privacy.md``).
+    None (default): no DP, this function's algorithm exactly as without the option.
     """
     check_policy(policy)
+    check_dp(dp, clip_norm=clip_norm, normalize=normalize)
     task = make_task(model, loss=loss, metrics=metrics, augment=augment, train_kw=train_kw)
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
@@ -215,9 +227,28 @@ def make_algorithm(
         return ServerState(shared, pooled, opt_state)
 
     label = name or (policy if mu == 0 else f"{policy}+prox")
-    return Algorithm(
+    alg = Algorithm(
         label, policy, model, init, client_init, client_step, client_final, server_update, spec
     )
+    if dp is None:
+        return alg
+    return privatize(alg, dp, server_step=functools.partial(server_step, server_tx), how=bn_stats)
+
+
+def check_dp(dp: Gaussian | None, *, clip_norm: float | None, normalize: str | None) -> None:
+    """Raise a clear error for a DP option this family cannot honour."""
+    if dp is None:
+        return
+    if not isinstance(dp, Gaussian):
+        raise TypeError(f"dp must come from fedjax_bn.privacy.gaussian(...), got {type(dp)}.")
+    if clip_norm is not None:
+        raise ValueError("dp clips each client's update itself (dp.clip_norm); pass no clip_norm.")
+    if normalize is not None:
+        raise ValueError(
+            "DP is not available with normalize='fednova' (FedNova): each client's local "
+            "step count would leave it un-noised. Use DP with fedavg, fedprox, fedbn, silobn "
+            "or a server optimizer (fedavgm, fedadam, ...)."
+        )
 
 
 def fedavg(model: nn.Module, client_tx: optax.GradientTransformation, **kw: Any) -> Algorithm:

@@ -104,6 +104,12 @@ def fixbn(
         raise ValueError(
             f"Unknown keep_momentum {keep_momentum!r}; valid: {', '.join(KEEP_MOMENTUM)}."
         )
+    if kw.get("dp") is not None:
+        raise ValueError(
+            "DP is not available for fixbn yet (its two stages would each need the DP server "
+            "state). Private alternatives: fedbn or silobn (BN statistics stay local), fedavg "
+            "with dp (statistics noised), or a GroupNorm model (model.norm='group')."
+        )
     for owned in ("policy", "bn_train", "persist_client_optimizer"):
         if owned in kw:
             raise TypeError(f"fixbn sets {owned!r} itself; it cannot be passed.")
