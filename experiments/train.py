@@ -1,5 +1,5 @@
 """One training run, in the shape of flax's examples: build what the run needs once
-(:func:`build_run`: the algorithm, its round function, the monitor and its probes), then rounds,
+(:func:`build_run`: the algorithm, its round function and the monitor), then rounds,
 each turned into one history row (:func:`round_row`, :func:`evaluate_row`) handed to the metric
 writers (``experiments/writers.py``).
 
@@ -51,7 +51,6 @@ class Run(NamedTuple):
     alg: fb.Algorithm
     round_fn: Any
     measure: Any  # jitted monitor.round_divergences of alg
-    probe: tuple[Any, Any]  # (x, mask) probe batches of every client
     data: FederatedData  # the training clients (held-out ones removed)
     held: Any  # the held-out clients, or None
     seed: int  # the experiment seed
@@ -110,9 +109,8 @@ def build_run(config: Config, data: FederatedData, alg_name: str, seed: int) -> 
     except ValueError as e:  # e.g. mu < 0, an executor option it does not take
         raise ConfigError(f"{alg_name}: {e}") from e
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
-    probe = monitor.probe_batches(data.train, config.monitor.probe_size)
     epsilons = privacy.epsilons(config, config.rounds) if privacy.enabled(config) else None
-    return Run(alg, round_fn, measure, probe, data, held, seed, seeds, epsilons)
+    return Run(alg, round_fn, measure, data, held, seed, seeds, epsilons)
 
 
 def _mean_by(values: Any, weights: Any) -> float:
@@ -180,13 +178,14 @@ def monitor_view(
     return state._replace(clients=clients), x_probe[rows], mask_probe[rows]
 
 
-def round_row(run: Run, config: Config, state: Any, result: Any, seconds: float) -> Row:
+def round_row(
+    run: Run, config: Config, probe: tuple[Any, Any], state: Any, result: Any, seconds: float
+) -> Row:
     """One round's history row from its result: training loss and metrics over the clients
     that were not quarantined (weighted by examples seen), the cohort, BN divergences; the
     evaluation columns are None until :func:`evaluate_row` fills them."""
-    client_stats = getattr(result, "batch_stats", None)  # see monitor.py
     ids = np.asarray(getattr(result, "clients", np.arange(len(result.loss))))
-    div = run.measure(*monitor_view(state, *run.probe, ids, config), client_stats)
+    div = run.measure(*monitor_view(state, *probe, ids, config))
     weights = result.num_seen * ~result.quarantined
     row: Row = {
         "train_loss": _mean_by(result.loss, weights),
@@ -197,7 +196,7 @@ def round_row(run: Run, config: Config, state: Any, result: Any, seconds: float)
         "quarantined": [int(ids[c]) for c in np.flatnonzero(np.asarray(result.quarantined))],
         "cohort": [int(c) for c in ids if c < run.data.num_clients],
         "bn_div": float(monitor.mean_over_layers(div["bn"])),
-        "bn_div_source": monitor.stats_source(state, client_stats),
+        "bn_div_source": monitor.stats_source(state),
         "probe_div": float(monitor.mean_over_layers(div["probe"])),
         "affine_div": float(monitor.mean_over_layers(div["affine"])),
         "bn_div_layers": _floats(div["bn"]),
@@ -273,6 +272,7 @@ def train_run(
         jax.random.key(run.seeds.init), run.data.train.sample_x(), run.data.num_clients
     )
     key = jax.random.key(run.seeds.shuffle)
+    probe = monitor.probe_batches(run.data.train, config.monitor.probe_size)  # (x, mask)
     if run.alg.policy != "fedavg" and not model_parts(state).local:
         print(
             f"note: {alg_name}: the model has no BatchNorm layer, so under the {run.alg.policy} "
@@ -299,7 +299,7 @@ def train_run(
             state, result = run.round_fn(state, run.data.train, round_key)
             jax.block_until_ready(state)
             row = {"setting": setting, "algorithm": alg_name, "seed": seed, "round": rnd}
-            row.update(round_row(run, config, state, result, time.perf_counter() - t0))
+            row.update(round_row(run, config, probe, state, result, time.perf_counter() - t0))
             if run.epsilons is not None:  # DP: the guarantee after this round, the clip it used
                 row.update(epsilon=run.epsilons[rnd - 1], dp_clip=float(state.server.dp.clip))
             if row["quarantined"]:

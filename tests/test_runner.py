@@ -224,6 +224,11 @@ BAD_VALUES = [
     ("eval_batch_size", "0", "integer >= 1"),
     ("data.max_train", "-1", "integer >= 0"),
     ("data.max_test", "-1", "integer >= 0"),
+    ("dp.noise_multiplier", "-1", ">= 0"),
+    ("dp.clip_norm", "0", "> 0"),
+    ("dp.q", "1.5", "[0, 1]"),
+    ("dp.delta", "1", "[0, 1)"),
+    ("dp.target_epsilon", "-2", ">= 0"),
 ]
 
 

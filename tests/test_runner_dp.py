@@ -1,5 +1,5 @@
-"""DP options of the experiment runner: --config.dp.* validated with one error line each, a
-refused algorithm named, epsilon per history row, in the summary and the table."""
+"""DP options of the experiment runner (their bounds are in test_runner.BAD_VALUES): a refused
+algorithm named, epsilon per history row, in the summary and the table."""
 
 from __future__ import annotations
 
@@ -9,31 +9,8 @@ from typing import Any
 import pytest
 from test_runner import tiny_argv
 
-from experiments import report, run, runner
+from experiments import report, run
 from fedjax_bn.privacy import accountant
-
-DP_BAD = [
-    ("dp.noise_multiplier", "-1", ">= 0"),
-    ("dp.clip_norm", "0", "> 0"),
-    ("dp.q", "1.5", "[0, 1]"),
-    ("dp.delta", "1", "[0, 1)"),
-    ("dp.target_epsilon", "-2", ">= 0"),
-]
-
-
-@pytest.mark.parametrize(("field", "value", "valid"), DP_BAD)
-def test_bad_dp_value_exits_2_with_one_error_line(
-    field: str, value: str, valid: str, tmp_path: Any, capsys: Any, monkeypatch: Any
-) -> None:
-
-    monkeypatch.setattr(runner, "train_run", lambda *a, **k: pytest.fail("trained"))
-    out = tmp_path / "out"
-    argv = tiny_argv(out, "--config.dp.enabled=True", f"--config.{field}={value}")
-    assert run.main(argv) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err
-    assert f"config.{field} " in errors[0] and valid in errors[0]
 
 
 def test_dp_refused_for_scaffold_in_the_runner(tmp_path: Any, capsys: Any) -> None:
