@@ -6,6 +6,7 @@ compile once."""
 from __future__ import annotations
 
 import math
+import threading
 
 import jax
 import numpy as np
@@ -36,6 +37,21 @@ def test_client_threads_give_bitwise_the_one_thread_round() -> None:
         outs.append((state, res))
     for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_many_sequential_rounds_share_a_bounded_number_of_lane_threads() -> None:
+    """Rounds built, run and kept (or dropped uncollected) do not each hold a pool: the host
+    threads alive grow by at most the lanes of one round, however many rounds exist."""
+    alg = fb.fedavg(tiny_cnn(), optax.sgd(0.05))
+    data = make_clients(3, (3, 2, 4))
+    state = alg.init(jax.random.key(0), data.x[0, :1], 3)
+    before = threading.active_count()
+    rounds = []
+    for r in range(6):
+        rnd = make_round(alg, executor="sequential", batch_size=B, client_threads=3)
+        jax.block_until_ready(rnd(state, data, jax.random.key(r)))
+        rounds.append(rnd)
+    assert threading.active_count() <= before + 2
 
 
 def test_lanes_are_bitwise_for_scaffold_with_budgets_and_an_empty_client() -> None:

@@ -2,8 +2,8 @@
 as jitted calls.
 
 This is the fast path on XLA:CPU, which has two traps measured in ``docs/design.md``:
-convolution gradients inside a while loop (``lax.scan``) run 4-13x slower, and vmapped
-per-client convs 2-5x slower. Here nothing loops on device: the host walks a schedule built
+convolution gradients inside a while loop (``lax.scan``) run several times slower, and
+vmapped per-client convs slower too. Here nothing loops on device: the host walks a schedule built
 once from the clients' sizes (``plan.schedule``) and dispatches jitted calls that each run
 ``steps_per_call`` unrolled steps of the one local loop (``loop.local_steps``).
 
@@ -26,6 +26,9 @@ once from the clients' sizes (``plan.schedule``) and dispatches jitted calls tha
   into a stacked buffer of its own, and ``finish`` takes each client's row from its lane's
   buffer, so the result is bitwise that of one thread. Worker threads see jax's global config,
   not a thread-local context (``with jax.default_device(...)`` and the like).
+- The extra lanes run on one process-wide pool per lane count (:func:`lane_pool`), not a pool
+  per executor: a process that builds many rounds (tests, sweeps) holds a fixed number of idle
+  threads, whether or not the rounds it dropped have been garbage collected.
 """
 
 from __future__ import annotations
@@ -87,6 +90,13 @@ def default_client_threads(backend: str | None = None) -> int:
     if (backend or jax.default_backend()) != "cpu":
         return 1
     return min(2, os.cpu_count() or 1)
+
+
+@functools.cache
+def lane_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The process-wide pool of ``workers`` host threads that runs sequential executors' extra
+    lanes (a lane job never waits on another, so rounds sharing it cannot deadlock)."""
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fedjax_bn-lane")
 
 
 def select_rows(owner_C: Array, buffers: tuple[Any, ...]) -> Any:
@@ -182,14 +192,13 @@ class SequentialExecutor:
         self.alg, self.batch_size, self.epochs = alg, batch_size, local_epochs
         self.steps_per_call = options.steps_per_call or 1
         self.client_threads = options.client_threads or default_client_threads()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._compiled: set[tuple] = set()  # call kinds (and data shapes) compiled
         self._compile_lock = threading.Lock()
         # Built once: rounds never re-trace. ``finals`` is donated, so writing a client's
         # outputs into it is in place, and compile cost does not grow with the cohort.
         self._begin = jax.jit(functools.partial(begin_buffers, alg), static_argnums=(1, 2))
         # The shuffle is integer arithmetic and sorting only, so a lower LLVM level gives the
-        # same bits by construction and compiles faster (docs/startup.md).
+        # same bits by construction, and compiles faster (``docs/startup.md``).
         self._shuffle = jax.jit(
             lambda key, n_C, n_max: round_batches(key, n_C, n_max, batch_size, local_epochs),
             static_argnums=2,
@@ -303,12 +312,9 @@ class SequentialExecutor:
         if len(groups) == 1:
             buffers = (self._run_lane(groups[0], plans, state, run, buffers[0]),)
         else:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.client_threads - 1, thread_name_prefix="fedjax_bn-client"
-                )
+            pool = lane_pool(self.client_threads - 1)
             jobs = {
-                k: self._pool.submit(self._run_lane, groups[k], plans, state, run, buffers[k])
+                k: pool.submit(self._run_lane, groups[k], plans, state, run, buffers[k])
                 for k in range(1, len(groups))
                 if groups[k]
             }
