@@ -242,7 +242,17 @@ def _client_figure(path: Path, setting: str, rows_by_alg: dict[str, list[Row]]) 
     fig, ax = plt.subplots(figsize=(1.1 * len(finals) + 3.0, 4.8), layout="constrained")
     algs = list(finals)
     values = [[a for accs in finals[alg].values() for a in accs.values()] for alg in algs]
-    ax.boxplot(values, tick_labels=algs, showmeans=True, whis=(0, 100), widths=0.6, zorder=2)
+    black = {"color": "black", "markerfacecolor": "black", "markeredgecolor": "black"}
+    ax.boxplot(
+        values,
+        tick_labels=algs,
+        showmeans=True,
+        whis=(0, 100),
+        widths=0.6,
+        zorder=2,
+        medianprops={"color": "black"},
+        meanprops={"marker": "^", **black},
+    )
     rng = np.random.default_rng(0)
     clients = sorted({c for f in finals.values() for accs in f.values() for c in accs})
     for i, alg in enumerate(algs, start=1):
