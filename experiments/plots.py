@@ -1,5 +1,5 @@
 """The plots of a run's history: accuracy, BN divergence and task metrics per setting, one curve
-per algorithm (mean and spread over seeds)."""
+per algorithm (mean and spread over seeds), and each client's final accuracy per algorithm."""
 
 from __future__ import annotations
 
@@ -223,9 +223,62 @@ def metric_panels(rows_by_alg: dict[str, list[Row]]) -> tuple[Panel, ...]:
     )
 
 
+def final_client_accs(rows: Sequence[Row]) -> dict[int, dict[int, float]]:
+    """{seed: {client: accuracy}} from each seed's last row that has ``client_accs``."""
+    out: dict[int, dict[int, float]] = {}
+    for r in sorted(rows, key=lambda r: r["round"]):
+        if r.get("client_accs"):
+            out[r["seed"]] = {int(c): a for c, a in r["client_accs"].items() if a is not None}
+    return out
+
+
+def _client_figure(path: Path, setting: str, rows_by_alg: dict[str, list[Row]]) -> Path | None:
+    """A box per algorithm of its clients' final own-model accuracies (all seeds pooled), each
+    client a dot colored by its index; None when no row holds ``client_accs``."""
+    finals = {alg: final_client_accs(rows) for alg, rows in rows_by_alg.items()}
+    finals = {alg: f for alg, f in finals.items() if f}
+    if not finals:
+        return None
+    fig, ax = plt.subplots(figsize=(1.1 * len(finals) + 3.0, 4.8), layout="constrained")
+    algs = list(finals)
+    values = [[a for accs in finals[alg].values() for a in accs.values()] for alg in algs]
+    black = {"color": "black", "markerfacecolor": "black", "markeredgecolor": "black"}
+    ax.boxplot(
+        values,
+        tick_labels=algs,
+        showmeans=True,
+        whis=(0, 100),
+        widths=0.6,
+        zorder=2,
+        medianprops={"color": "black"},
+        meanprops={"marker": "^", **black},
+    )
+    rng = np.random.default_rng(0)
+    clients = sorted({c for f in finals.values() for accs in f.values() for c in accs})
+    for i, alg in enumerate(algs, start=1):
+        for accs in finals[alg].values():
+            for c, a in accs.items():
+                x = i + rng.uniform(-0.22, 0.22)
+                ax.scatter(x, a, s=14, color=f"C{clients.index(c) % 10}", alpha=0.7, zorder=3)
+    seeds = max(len(f) for f in finals.values())
+    ax.set_title(
+        f"{setting}: each client's final accuracy on its own test data, own model\n"
+        f"({seeds} seed{'s' if seeds > 1 else ''} pooled; dot color = client index; "
+        "box: quartiles, whiskers min-max, triangle: mean)",
+        fontsize=10,
+    )
+    ax.set_ylabel("accuracy")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_setting(out_dir: Path, setting: str, rows_by_alg: dict[str, list[Row]]) -> list[Path]:
-    """accuracy_<setting>.png and bn_divergence_<setting>.png, and metrics_<setting>.png when
-    the task has metrics besides accuracy; returns their paths."""
+    """accuracy_<setting>.png and bn_divergence_<setting>.png, metrics_<setting>.png when the
+    task has metrics besides accuracy, clients_<setting>.png when the rows hold each client's
+    accuracy; returns their paths."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     extra = metric_panels(rows_by_alg)
@@ -234,17 +287,22 @@ def plot_setting(out_dir: Path, setting: str, rows_by_alg: dict[str, list[Row]])
         metrics = [_figure(plots / f"metrics_{setting}.png", title, rows_by_alg, extra)]
     else:
         metrics = []
-    return metrics + [
-        _figure(
-            plots / f"accuracy_{setting}.png",
-            f"{setting}: accuracy vs round",
-            rows_by_alg,
-            ACCURACY_PANELS,
-        ),
-        _figure(
-            plots / f"bn_divergence_{setting}.png",
-            f"{setting}: BN divergence between clients vs round",
-            rows_by_alg,
-            DIVERGENCE_PANELS,
-        ),
-    ]
+    clients = _client_figure(plots / f"clients_{setting}.png", setting, rows_by_alg)
+    return (
+        metrics
+        + ([clients] if clients else [])
+        + [
+            _figure(
+                plots / f"accuracy_{setting}.png",
+                f"{setting}: accuracy vs round",
+                rows_by_alg,
+                ACCURACY_PANELS,
+            ),
+            _figure(
+                plots / f"bn_divergence_{setting}.png",
+                f"{setting}: BN divergence between clients vs round",
+                rows_by_alg,
+                DIVERGENCE_PANELS,
+            ),
+        ]
+    )
