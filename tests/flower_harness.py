@@ -5,6 +5,7 @@ process started stopped by its id. Used by ``tests/test_flower*.py``."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -183,7 +184,9 @@ class ThreadBackend(Backend):
         pass
 
     def process_message(self, message: Message, context: Context):
-        reply = self.app_fn()(message=message, context=context)
+        # A copy, as Ray's serialization gives each actor: a workflow may send one content
+        # object to every node (SecAgg+ does), and a mod may change what it receives.
+        reply = self.app_fn()(message=copy.deepcopy(message), context=context)
         ThreadBackend.seen[int(context.node_config["partition-id"])] = (context, reply)
         return reply, context
 
