@@ -7,9 +7,10 @@ Flower 1.42 ships SecAgg+ for its legacy API only: ``SecAggPlusWorkflow`` runs i
 then learns the example-weighted **mean** of the clients' arrays (weights quantized as
 ``round(n / max_weight * quantization_range)``), never one client's arrays. So this path
 carries exactly the algorithms whose ``server_update`` reads the messages only through that
-mean: FedAvg / FedProx / FedBN / SiloBN with ``bn_stats="mean"`` and the server optimizers of
-``fedopt`` on top; the server folds the mean as a one-client cohort of weight 1
-(``server_update(server, mean[None], [1])``, exactly the weighted mean's fold). Not carried:
+mean: FedAvg / FedProx / FedBN / SiloBN with ``bn_stats="mean"`` (``fedopt``'s server
+optimizers step the same mean; FedBN is what the tests run); the server folds the mean as a
+one-client cohort of weight 1 (``server_update(server, mean[None], [1])``, exactly the
+weighted mean's fold). Not carried:
 pooled BN statistics (they need sums of ``var + mean^2``), SCAFFOLD, FedNova, clipping, robust
 aggregators and quarantine (the server never sees a client's message to drop it). A message
 with a non-float leaf is refused (SecAgg+ would quantize it as a float).
