@@ -28,8 +28,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedjax_bn import budgets
 from fedjax_bn.algorithms.base import Algorithm, stage_at
-from fedjax_bn.execution.cohort import BUDGET_STREAM
 from fedjax_bn.execution.quarantine import aggregate_round
+from fedjax_bn.execution.streams import BUDGET_STREAM
 from fedjax_bn.flower.client import NO_BUDGET
 from fedjax_bn.flower.records import from_record, stack_trees, to_record
 
