@@ -4,12 +4,16 @@ The same eight methods and two settings as ``personalization.py`` (label skew, D
 feature shift, one image domain per client), 10 clients, SeedCNN 32/64 + FC 128 with 2x2
 pooling (the model of ``seed_fashion_mnist.py``), Adam 5e-4 + coupled L2 1e-4, batch 32, one
 local epoch, FedPer/FedRep/LG-FedAvg head ``Dense_1``, FedRep ``head_steps=2``, Ditto lambda
-0.1. Sized for the 2-core CPU (about 12 minutes alone): 3 seeds of only 8 rounds on a fixed
-2,000-image subset of the train set (drawn with seed 0, the same for every run; 200 images, 6
-or 7 steps a round for a typical client, about the digits study's client size), evaluated on a
-fixed 2,000-image subset of the test set. Data: ``apt-get install dataset-fashion-mnist``.
+0.1. Sized for the 2-core CPU: 3 seeds of only 8 rounds on a fixed 2,000-image subset of the
+train set (drawn with seed 0, the same for every run; 200 images, 6 or 7 steps a round for a
+typical client, about the digits study's client size), evaluated on a fixed 2,000-image subset
+of the test set. One seed's 16 runs took about 420 s of CPU (docs/personalization.md reports
+seed 0 only). Data: ``apt-get install dataset-fashion-mnist``.
 
     python -m experiments.run --config=experiments/configs/personalization_fashion_mnist.py
+    # the run docs/personalization.md reports
+    python -m experiments.run --config=experiments/configs/personalization_fashion_mnist.py \\
+        --config.seeds=0
     # one setting, or a subset of methods
     python -m experiments.run --config=experiments/configs/personalization_fashion_mnist.py \\
         --config.settings=fashion_mnist_feature_shift --config.algorithms=fedbn,fedper_fedbn
