@@ -1,11 +1,12 @@
 """``--config.parallel_runs=S``: the seeds of one (setting, algorithm) trained as one batched
 federation (``fedjax_bn.vmap_runs``), S at a time, each run's rows written as if it ran alone.
 
-Runs are batched only where the library can batch them exactly: seeds whose partitions have
-the same shapes (a label-skew partition's padded client size usually differs between seeds;
-such seeds run alone, with a note). Every run keeps its own state, key, history, checkpoints and
-TensorBoard events (``train.Live``); only the rounds are batched. A round's ``seconds`` is the
-batched round's wall time divided by the runs in it (their share of it).
+Only seeds whose partitions have the same shapes are batched together (a label-skew
+partition's padded client size ``N_max`` usually differs between seeds: such seeds are
+grouped by shape, with a note, and a seed that matches none trains alone). Every run keeps its
+own state, key, history, checkpoints and TensorBoard events (``train.Live``); only the rounds
+are batched. A round's ``seconds`` is the batched round's wall time divided by the runs in it
+(their share of it).
 """
 
 from __future__ import annotations
