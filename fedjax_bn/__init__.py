@@ -30,6 +30,7 @@ from fedjax_bn.evaluate import (
     global_variables,
 )
 from fedjax_bn.execution import client_update, make_round
+from fedjax_bn.hyper import hyperparams, with_hyperparams
 from fedjax_bn.models import DigitModel, SeedCNN
 from fedjax_bn.policy import bn_param_mask, merge, partition, pool_batch_stats
 from fedjax_bn.resnet import ResNet, ResNet18
@@ -77,6 +78,7 @@ __all__ = [
     "fedyogi",
     "fixbn",
     "global_variables",
+    "hyperparams",
     "make_algorithm",
     "make_round",
     "make_task",
@@ -88,4 +90,5 @@ __all__ = [
     "silobn",
     "train_step",
     "weighted_mean",
+    "with_hyperparams",
 ]
