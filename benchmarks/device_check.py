@@ -7,7 +7,7 @@ Writes one JSON file with three sections:
   hidden 128) and ResNet18 on synthetic 32x32x3 uint8 data, 100 classes, for 10 and 100
   clients of 64 examples, with the ``vmap``, ``sequential`` and ``chunked`` executors: the first
   (compiling) round apart, then the median of a few timed rounds (``block_until_ready`` on the
-  state, as ``experiments/bench.py`` times them). A combination that would not fit the time
+  state, as ``benchmarks/bench.py`` times them). A combination that would not fit the time
   budget is recorded with ``skipped`` (the reason), one that fails with ``error``;
 - ``seed_cifar100``: a few rounds of the CIFAR-100 setting (SeedCNN widths (64, 128, 256),
   hidden 256, 10 clients of Dirichlet-uneven sizes summing to ~5000, FedProx mu=1e-3 over

@@ -20,6 +20,7 @@ import ml_collections
 import optax
 
 import fedjax_bn as fb
+from experiments import privacy
 from fedjax_bn import data as fbd
 from fedjax_bn.data import augment
 from fedjax_bn.recalibrate import fedavg_batch_stats_only
@@ -63,11 +64,13 @@ LOSSES: dict[str, Callable[[Config], dict[str, Any]]] = {
 def _common(config: Config) -> dict[str, Any]:
     """Options every factory takes: ``clip_norm`` when ``config.clip_norm`` is set (> 0),
     ``augment`` when ``config.augment`` names one, ``loss``/``metrics`` for a non-default
-    ``config.loss``."""
+    ``config.loss``, ``dp`` when ``config.dp.enabled``."""
     out: dict[str, Any] = {"clip_norm": config.clip_norm} if config.clip_norm else {}
     if config.augment:
         out["augment"] = lookup(AUGMENTS, config.augment, "augment")
     out.update(lookup(LOSSES, config.loss, "loss function")(config))
+    if privacy.enabled(config):
+        out["dp"] = privacy.gaussian(config)
     return out
 
 
@@ -81,6 +84,14 @@ def _renormed(model: nn.Module, norm: str) -> nn.Module:
             f"{', '.join(NORM_MODELS)}."
         )
     return model.clone(norm=norm)
+
+
+def _head(config: Config) -> tuple[str, ...]:
+    """The head's module names (``config.head``, comma-separated), or a ConfigError."""
+    head = names(config.head)
+    if not head:
+        raise ConfigError("config.head is empty; name the model's head module (e.g. Dense_1).")
+    return head
 
 
 def _server_lr(config: Config) -> dict[str, float]:
@@ -117,6 +128,16 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     "fedavg_batch_stats_only": lambda m, tx, c: fedavg_batch_stats_only(m, tx, **_common(c)),
     # FedAvg evaluated after exact BN recalibration over all clients' data (HeteroFL's static BN).
     "fedavg_recal": lambda m, tx, c: fb.fedavg(m, tx, name="fedavg_recal", **_common(c)),
+    # Personalization baselines (docs/personalization.md); config.head names the head modules.
+    "fedper": lambda m, tx, c: fb.fedper(m, tx, head=_head(c), **_common(c)),
+    "fedper_fedbn": lambda m, tx, c: fb.fedper(
+        m, tx, head=_head(c), policy="fedbn", name="fedper_fedbn", **_common(c)
+    ),
+    "lg_fedavg": lambda m, tx, c: fb.lg_fedavg(m, tx, head=_head(c), **_common(c)),
+    "fedrep": lambda m, tx, c: fb.fedrep(
+        m, tx, head=_head(c), head_steps=c.head_steps, **_common(c)
+    ),
+    "ditto": lambda m, tx, c: fb.ditto(m, tx, lam=c.ditto_lambda, **_common(c)),
     # The same model with another normalization (no BN: nothing local under any policy).
     "fedavg_group": lambda m, tx, c: fb.fedavg(
         _renormed(m, "group"), tx, name="fedavg_group", **_common(c)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import shutil
 import sys
 import tempfile
@@ -17,38 +16,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
 import ml_collections
-import numpy as np
-from tqdm.auto import tqdm
 
 import fedjax_bn as fb
-from experiments import evaluation, registry, report
+from experiments import plots, privacy, registry, report, train
 from experiments.configs import base
-from fedjax_bn import monitor
-from fedjax_bn.algorithms import model_parts
-from fedjax_bn.checkpoint import Checkpointer
-from fedjax_bn.data import FederatedData
-from fedjax_bn.recalibrate import recalibrate_bn
+from experiments.train import Seeds, derive_seeds, train_run  # noqa: F401  (re-exported)
+from fedjax_bn.execution import EXECUTORS
 
 SAMPLERS = (*fb.sampling.SAMPLERS, "available")  # by name; available binds config.availability
 
 Config = ml_collections.ConfigDict
 ConfigError = registry.ConfigError
-
-
-class Seeds(NamedTuple):
-    """Independent seeds derived from one experiment seed."""
-
-    init: int
-    data: int
-    shuffle: int
-
-
-def derive_seeds(seed: int) -> Seeds:
-    """Model init, data partition and client shuffling seeds, independent of each other."""
-    init, data, shuffle = np.random.SeedSequence(seed).generate_state(3)
-    return Seeds(int(init), int(data) % 2**31, int(shuffle))
 
 
 def flat_fields(config: Config, prefix: str = "") -> dict[str, Any]:
@@ -118,6 +97,13 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("optim.weight_decay", float, 0),
     Bound("optim.momentum", float, 0),
     Bound("monitor.probe_size", int, 1),
+    Bound("dp.noise_multiplier", float, 0),
+    Bound("dp.clip_norm", float, 0, strict=True),
+    Bound("dp.target_epsilon", float, 0, note=" (0: use dp.noise_multiplier)"),
+    Bound("dp.delta", float, 0, high=1, high_strict=True),
+    Bound("dp.q", float, 0, high=1),
+    Bound("dp.target_quantile", float, 0, high=1, high_strict=True),
+    Bound("dp.clip_learning_rate", float, 0, strict=True),
 )
 
 
@@ -224,21 +210,14 @@ def validate(config: Config) -> Config:
         raise ConfigError("config.budget_min_steps needs config.budget_max_steps >= it.")
     if config.sampler != "uniform" and not config.cohort_size:
         raise ConfigError(f"config.sampler={config.sampler!r} needs config.cohort_size >= 1.")
-    model = registry.build_model(config, num_classes=10)
-    tx = registry.build_optimizer(config)
-    try:  # factories check their hyperparameters; make_round knows the executors
-        algs = [registry.build_algorithm(a, model, tx, config) for a in config.algorithms]
-        fb.make_round(
-            algs[0],
-            executor=config.executor,
-            batch_size=config.batch_size,
-            client_threads=config.client_threads or None,
-        )
-    except ConfigError:
-        raise
-    except ValueError as e:  # e.g. mu < 0, an unknown executor (listing the valid ones)
+    try:
+        privacy.check(config)
+    except ValueError as e:
         raise ConfigError(str(e)) from e
-    return config
+    registry.lookup(registry.MODELS, config.model.name, "model")
+    registry.lookup(registry.OPTIMIZERS, config.optim.name, "optimizer")
+    registry.lookup(dict.fromkeys(EXECUTORS), config.executor, "executor")
+    return config  # the factories' own checks run when each run is built (train.build_run)
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -250,7 +229,7 @@ def enable_compilation_cache(path: str) -> None:
         fb.disable_compilation_cache()
 
 
-RESULT_ENTRIES = ("config.json", "history", "checkpoints", "summary.json", "plots")
+RESULT_ENTRIES = ("config.json", "history", "checkpoints", "summary.json", "plots", "tensorboard")
 
 
 def prepare_out_dir(config: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -286,232 +265,6 @@ def prepare_out_dir(config: Config, *, resume: bool = False, overwrite: bool = F
     return out
 
 
-def _mean_by(values: Any, weights: Any) -> float:
-    values, weights = np.asarray(values, np.float64), np.asarray(weights, np.float64)
-    return float(np.sum(values * weights) / max(np.sum(weights), 1.0))
-
-
-def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A result's task metrics other than accuracy (which has its own ``*_acc`` columns); each
-    becomes ``train_<name>`` and ``global_<name>`` history columns."""
-    return {k: v for k, v in metrics.items() if k != "accuracy"}
-
-
-def _floats(per_layer: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in per_layer.items()}
-
-
-def checkpoint_dir(out: Path, setting: str, alg_name: str, seed: int) -> Path:
-    """Where one run's checkpoints live."""
-    return out / "checkpoints" / f"{setting}__{alg_name}__seed{seed}"
-
-
-def resume_point(
-    path: Path, ckpt: Checkpointer, like: Any, key: jax.Array, rounds: int
-) -> tuple[int, Any, jax.Array, list[report.Row]]:
-    """``(rounds done, state, key, rows)`` to continue a run from: its latest checkpoint, the
-    history cut back to that checkpoint's offset (rows after it are recomputed exactly)."""
-    if ckpt.latest_round() is None:
-        path.unlink(missing_ok=True)  # nothing checkpointed: the run starts over
-        return 0, like, key, []
-    restored = ckpt.restore(like)
-    with path.open("r+b") as f:
-        f.truncate(restored.meta["history_offset"])
-    rows = report.read_history(path)
-    if len(rows) != restored.round or (rows and rows[-1]["round"] != restored.round):
-        raise ConfigError(f"{path} does not match its checkpoint of round {restored.round}.")
-    return restored.round, restored.state, restored.key, rows[:rounds]
-
-
-def eval_state(config: Config, alg_name: str, alg: fb.Algorithm, state: Any, data: Any) -> Any:
-    """The state evaluation sees: with exact BN recalibration over the clients' training data
-    (``config.recalibrate``, or an algorithm in ``registry.RECALIBRATED``) where the policy has
-    global statistics (fedavg); the training state itself is never changed."""
-    wanted = config.recalibrate or alg_name in registry.RECALIBRATED
-    if not wanted or alg.policy != "fedavg":
-        return state
-    return recalibrate_bn(alg, state, data, batch_size=config.eval_batch_size)
-
-
-def cohort_sampler(config: Config, num_clients: int) -> Any:
-    """The configured sampler: a name ``make_round`` knows, or ``available`` with every
-    client online with probability ``config.availability``."""
-    if config.sampler != "available":
-        return config.sampler
-    probabilities = np.full(num_clients, config.availability, np.float32)
-    return functools.partial(fb.sampling.available, probabilities=probabilities)
-
-
-def monitor_view(
-    state: Any, x_probe: Any, mask_probe: Any, ids: np.ndarray, config: Config
-) -> tuple[Any, Any, Any]:
-    """What the BN monitor compares: every client, or in a cohort run the round's cohort only
-    (its divergences are pairwise, O(K^2) instead of O(N^2); an empty slot repeats the last
-    client, keeping the shape, and so the compiled monitor, fixed)."""
-    if not config.cohort_size:
-        return state, x_probe, mask_probe
-    rows = np.minimum(ids, len(x_probe) - 1)
-    clients = jax.device_put(jax.tree.map(lambda a: a[rows], state.clients))
-    return state._replace(clients=clients), x_probe[rows], mask_probe[rows]
-
-
-def step_budget(config: Config) -> fb.budgets.Budget | None:
-    """Stragglers: each client's local steps drawn per round uniformly from
-    ``[config.budget_min_steps, config.budget_max_steps]``; None when both are 0."""
-    low, high = config.budget_min_steps, config.budget_max_steps
-    return fb.budgets.uniform_steps(low, high) if high else None
-
-
-def train_run(
-    config: Config,
-    data: FederatedData,
-    setting: str,
-    alg_name: str,
-    seed: int,
-    out: Path,
-    *,
-    resume: bool = False,
-) -> list[report.Row]:
-    """Train one algorithm on one setting with one seed; every round is written and flushed.
-
-    Checkpoints (state, next key, history offset) every ``config.checkpoint_every`` rounds, at
-    the last round and on interrupt; ``resume`` continues from the latest one, bit for bit.
-    """
-    seeds = derive_seeds(seed)
-    data, held = evaluation.split_held_out(data, config.held_out)
-    shape = jax.tree.leaves(data.train.sample_x())[0].shape[1:]
-    model = registry.build_model(config, data.num_classes, shape, seed=seeds.init)
-    alg = registry.build_algorithm(alg_name, model, registry.build_optimizer(config), config)
-    round_fn = fb.make_round(
-        alg,
-        executor=config.executor,
-        batch_size=config.batch_size,
-        local_epochs=config.local_epochs,
-        client_threads=config.client_threads or None,
-        cohort_size=config.cohort_size or None,
-        sampler=cohort_sampler(config, data.num_clients),
-        budget=step_budget(config),
-        donate_state=bool(config.cohort_size),  # O(K) state writes a round, not O(N)
-    )
-    measure = jax.jit(functools.partial(monitor.round_divergences, alg))
-    x_probe, mask_probe = monitor.probe_batches(data.train, config.monitor.probe_size)
-    state = alg.init(jax.random.key(seeds.init), data.train.sample_x(), data.num_clients)
-    key = jax.random.key(seeds.shuffle)
-    if alg.policy != "fedavg" and not model_parts(state).local:
-        print(
-            f"note: {alg_name}: the model has no BatchNorm layer, so under the {alg.policy} "
-            "policy nothing stays local; it trains as FedAvg."
-        )
-    path = report.history_path(out, setting, alg_name, seed)
-    ckpt = Checkpointer(
-        checkpoint_dir(out, setting, alg_name, seed), max_to_keep=config.keep_checkpoints
-    )
-    done, rows = 0, []
-    if resume and path.exists():
-        done, state, key, rows = resume_point(path, ckpt, state, key, config.rounds)
-    seen = {c for row in rows for c in row["cohort"]}  # clients that have trained
-    if done >= config.rounds:
-        ckpt.close()
-        return rows
-    writer = report.HistoryWriter(path, append=bool(rows))
-    start = time.perf_counter() - (rows[-1]["wall"] if rows else 0.0)
-    bar = tqdm(
-        range(done + 1, config.rounds + 1),
-        desc=f"{setting} {alg_name} seed={seed}",
-        unit="round",
-        initial=done,
-        total=config.rounds,
-        disable=not config.progress,
-        file=sys.stderr,
-    )
-    acc, saved = None, done
-    try:
-        for rnd in bar:
-            key, round_key = jax.random.split(key)
-            t0 = time.perf_counter()
-            state, result = round_fn(state, data.train, round_key)
-            jax.block_until_ready(state)
-            seconds = time.perf_counter() - t0
-            # The clients' post-round statistics, when the round returns them (see monitor.py).
-            client_stats = getattr(result, "batch_stats", None)
-            ids = np.asarray(getattr(result, "clients", np.arange(len(result.loss))))
-            div = measure(*monitor_view(state, x_probe, mask_probe, ids, config), client_stats)
-            quarantined = [int(ids[c]) for c in np.flatnonzero(np.asarray(result.quarantined))]
-            if quarantined:
-                print(
-                    f"warning: {setting} {alg_name} seed={seed} round {rnd}: clients "
-                    f"{quarantined} had a non-finite update or loss and were left out",
-                    file=sys.stderr,
-                )
-            row: report.Row = {
-                "setting": setting,
-                "algorithm": alg_name,
-                "seed": seed,
-                "round": rnd,
-                "train_loss": _mean_by(result.loss, result.num_seen * ~result.quarantined),
-                "train_acc": _mean_by(result.accuracy, result.num_seen * ~result.quarantined),
-                "global_acc": None,
-                "global_loss": None,
-                "client_acc": None,
-                "quarantined": quarantined,
-                "cohort": [int(c) for c in ids if c < data.num_clients],
-                "bn_div": float(monitor.mean_over_layers(div["bn"])),
-                "bn_div_source": monitor.stats_source(state, client_stats),
-                "probe_div": float(monitor.mean_over_layers(div["probe"])),
-                "affine_div": float(monitor.mean_over_layers(div["affine"])),
-                "bn_div_layers": _floats(div["bn"]),
-                "probe_div_layers": _floats(div["probe"]),
-                "affine_div_layers": _floats(div["affine"]),
-                "seconds": seconds,
-            }
-            weights = result.num_seen * ~result.quarantined
-            for name, values in task_metrics(result.metrics).items():  # beyond accuracy
-                row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
-            seen.update(row["cohort"])
-            final = rnd == config.rounds
-            if rnd == 1 or rnd % config.eval_every == 0 or final:
-                evaluated = eval_state(config, alg_name, alg, state, data)
-                glob = fb.evaluate_global(alg, evaluated, data, config.eval_batch_size)
-                if glob is not None:
-                    row.update(global_acc=glob.accuracy, global_loss=glob.loss)
-                    row.update({f"global_{k}": v for k, v in task_metrics(glob.metrics).items()})
-                ids = evaluation.eval_ids(data.num_clients, config.eval_clients, seed, rnd, final)
-                row.update(
-                    evaluation.evaluate_population(
-                        alg,
-                        evaluated,
-                        data,
-                        held,
-                        seen,
-                        ids=ids,
-                        adapt=config.adapt_bn,
-                        batch=config.eval_batch_size,
-                    )
-                )
-                acc = row["client_acc"]
-            row["wall"] = time.perf_counter() - start
-            writer.write(row)
-            rows.append(row)
-            if rnd % config.checkpoint_every == 0 or rnd == config.rounds:
-                ckpt.save(rnd, state, key, history_offset=writer.offset())
-                saved = rnd
-            bar.set_postfix(
-                loss=f"{row['train_loss']:.3f}", acc="-" if acc is None else f"{acc:.3f}"
-            )
-    except KeyboardInterrupt:
-        if rows and saved < rows[-1]["round"]:  # the last finished round, for --resume
-            try:
-                ckpt.save(rows[-1]["round"], state, key, history_offset=writer.offset())
-            except RuntimeError:  # its buffers were donated to the interrupted cohort round
-                print(f"note: --resume continues from the checkpoint of round {saved}.")
-        raise
-    finally:
-        bar.close()
-        writer.close()
-        ckpt.close()
-    return rows
-
-
 def finish(out: Path, config: Config, runs: list[report.Row], rows: list[report.Row]) -> dict:
     """Summary JSON, tables on stdout, plots; returns the summary."""
     results = report.aggregate(runs)
@@ -520,11 +273,11 @@ def finish(out: Path, config: Config, runs: list[report.Row], rows: list[report.
     by_setting: dict[str, dict[str, list[report.Row]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         by_setting[row["setting"]][row["algorithm"]].append(row)
-    plots = []
+    figures = []
     for setting, per_alg in results.items():
         print("\n" + report.format_table(setting, per_alg))
-        plots += report.plot_setting(out, setting, by_setting[setting])
-    print(f"\nPlots: {', '.join(str(p.relative_to(out)) for p in plots)}")
+        figures += plots.plot_setting(out, setting, by_setting[setting])
+    print(f"\nPlots: {', '.join(str(p.relative_to(out)) for p in figures)}")
     print(f"Results in {out}")
     return summary
 
@@ -540,10 +293,12 @@ def run_experiment(config: Config, *, resume: bool = False, overwrite: bool = Fa
     results are summarized, then KeyboardInterrupt propagates.
     """
     config = validate(config)
-    datasets = {
-        (setting, seed): registry.build_setting(setting, config, derive_seeds(seed).data)
+    runs_to_train = {  # every run built (and so checked) before anything is written
+        (setting, seed, alg_name): train.build_run(config, data, alg_name, seed)
         for setting in config.settings
         for seed in config.seeds
+        for data in [registry.build_setting(setting, config, derive_seeds(seed).data)]
+        for alg_name in config.algorithms
     }
     out = prepare_out_dir(config, resume=resume, overwrite=overwrite)
     config.out_dir = str(out)
@@ -555,13 +310,10 @@ def run_experiment(config: Config, *, resume: bool = False, overwrite: bool = Fa
     rows: list[report.Row] = []
     t0 = time.perf_counter()
     try:
-        for setting in config.settings:
-            for seed in config.seeds:
-                data = datasets[(setting, seed)]
-                for alg_name in config.algorithms:
-                    run_rows = train_run(config, data, setting, alg_name, seed, out, resume=resume)
-                    rows += run_rows
-                    runs.append(report.run_summary(run_rows))
+        for (setting, seed, alg_name), built in runs_to_train.items():
+            run_rows = train_run(config, built, setting, alg_name, seed, out, resume=resume)
+            rows += run_rows
+            runs.append(report.run_summary(run_rows))
     except KeyboardInterrupt:
         print(
             f"\nInterrupted after {len(runs)} complete run(s); the history so far is in "

@@ -1,12 +1,13 @@
 """fedjax_bn: functional JAX federated learning for models with BatchNorm, done right."""
 
-from fedjax_bn import budgets, sampling
+from fedjax_bn import aggregators, budgets, privacy, robust, sampling
 from fedjax_bn.adapt import adapt_bn
 from fedjax_bn.aggregate import pooled_moments, weighted_mean
 from fedjax_bn.algorithms import (
     Algorithm,
     FedState,
     ServerState,
+    ditto,
     fedadagrad,
     fedadam,
     fedavg,
@@ -14,9 +15,12 @@ from fedjax_bn.algorithms import (
     fedbn,
     fedbn_prox,
     fednova,
+    fedper,
     fedprox,
+    fedrep,
     fedyogi,
     fixbn,
+    lg_fedavg,
     make_algorithm,
     scaffold,
     silobn,
@@ -32,7 +36,7 @@ from fedjax_bn.evaluate import (
 from fedjax_bn.execution import client_update, make_round
 from fedjax_bn.hyper import hyperparams, with_hyperparams
 from fedjax_bn.models import DigitModel, SeedCNN
-from fedjax_bn.policy import bn_param_mask, merge, partition, pool_batch_stats
+from fedjax_bn.policy import AllBut, bn_param_mask, merge, partition, pool_batch_stats
 from fedjax_bn.resnet import ResNet, ResNet18
 from fedjax_bn.task import Task, make_task
 
@@ -46,8 +50,12 @@ def __getattr__(name: str):  # NnxCNN loads flax.nnx only when asked for
 
 
 __all__ = [
+    "aggregators",
     "budgets",
+    "privacy",
+    "robust",
     "sampling",
+    "AllBut",
     "Algorithm",
     "Batch",
     "DigitModel",
@@ -73,12 +81,16 @@ __all__ = [
     "fedavgm",
     "fedbn",
     "fedbn_prox",
+    "ditto",
     "fednova",
+    "fedper",
     "fedprox",
+    "fedrep",
     "fedyogi",
     "fixbn",
     "global_variables",
     "hyperparams",
+    "lg_fedavg",
     "make_algorithm",
     "make_round",
     "make_task",

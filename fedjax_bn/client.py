@@ -183,29 +183,50 @@ def add_correction(grads: Variables, correction: Variables) -> Variables:
     return unflatten(flat)["params"]
 
 
+def freeze(frozen: dict[Any, Array], new: Variables, old: Variables, zero: bool) -> Variables:
+    """``new`` with the leaves at ``frozen``'s paths (bool scalars, True: frozen) replaced by
+    zeros (``zero``: gradients, updates) or by ``old``'s values (kept variables)."""
+    flat_new, flat_old = flatten(new), flatten(old)
+    out = dict(flat_new)
+    for path, is_frozen in frozen.items():
+        if path in flat_new:
+            keep = jnp.zeros_like(flat_new[path]) if zero else flat_old[path]
+            out[path] = jnp.where(is_frozen, keep, flat_new[path])
+    return unflatten(out)
+
+
 def train_step(
     spec: LocalTraining,
     anchor: Variables | None,
     state: LocalState,
     batch: Batch,
     correction: Variables | None = None,
+    frozen: dict[Any, Array] | None = None,
     mu: Array | None = None,
 ) -> LocalState:
     """One optimizer step on a partially masked batch; a fully masked batch is a no-op.
 
     ``batch.mask=None`` is a full batch (every example real): no masking and no no-op select,
     the cost of a plain train step. ``anchor``: the shared parameters FedProx pulls towards
-    (None without a proximal term); ``correction``: added to the shared parameters' gradient;
-    ``mu``: FedProx's weight as data (None: ``spec.mu``).
+    (None without a proximal term); ``correction``: added to the shared parameters' gradient.
+    ``frozen``: ``{variables path: bool scalar}`` (FedRep's phases); a frozen ``params`` leaf
+    gets a zero gradient and a zero update, a frozen leaf of another collection (BN running
+    statistics) keeps its value. ``mu``: FedProx's weight as data (None: ``spec.mu``).
     """
     params = state.variables["params"]
     rest = {k: v for k, v in state.variables.items() if k != "params"}
-    grads, (rest, loss_sum, metric_sums) = jax.grad(
+    grads, (new_rest, loss_sum, metric_sums) = jax.grad(
         lambda p: loss_fn(spec, p, rest, anchor, batch, mu), has_aux=True
     )(params)
     if correction:
         grads = add_correction(grads, correction)
+    if frozen:
+        grads = freeze(frozen, {"params": grads}, {}, zero=True)["params"]
     updates, opt_state = spec.tx.update(grads, state.opt_state, params)
+    if frozen:
+        updates = freeze(frozen, {"params": updates}, {}, zero=True)["params"]
+        new_rest = freeze(frozen, new_rest, rest, zero=False)
+    rest = new_rest
     stepped = LocalState(
         {"params": optax.apply_updates(params, updates), **rest},
         opt_state,

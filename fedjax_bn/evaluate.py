@@ -3,7 +3,12 @@
 Which global model exists is the policy module's answer (``policy.global_variables``): fedavg
 and silobn have one, fedbn has none (BN layers are personal) unless the model has no BN layer.
 Per-client evaluation (each client's local leaves on its own test data) is reported for every
-policy.
+policy. Personalized models (``docs/personalization.md``): a client's own local head or body
+(FedPer, FedRep, LG-FedAvg) is part of its local leaves; Ditto's whole personal model is
+evaluated by default (``personal=False``: the client's copy of the global model). Clients
+without personal parts of their own (never trained) can be evaluated on the fallback model
+(``fallback=``): the global model where the policy has one, else the global leaves plus the
+clients' local leaves averaged by training size (an averaged head for FedPer and FedRep).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from fedjax_bn.algorithms.base import (
     FedState,
     client_variables,
     model_parts,
+    personal_variables,
     task_of,
 )
 from fedjax_bn.client import batch_sums
@@ -97,9 +103,16 @@ def global_variables(alg: Algorithm, state: FedState, train_sizes: Array) -> Var
     return policy.global_variables(alg.policy, *model_parts(state), train_sizes)
 
 
-def client_model(alg: Algorithm, state: FedState, c: int) -> Variables:
-    """Client ``c``'s personal model: global shared/pooled leaves plus its own local leaves."""
-    return client_variables(state, c)
+def client_model(alg: Algorithm, state: FedState, c: int, personal: bool = True) -> Variables:
+    """Client ``c``'s personal model: global shared/pooled leaves plus its own local leaves,
+    or its whole personal model where the algorithm keeps one (Ditto) and ``personal``."""
+    return personal_variables(state, c) if personal else client_variables(state, c)
+
+
+def fallback_model(alg: Algorithm, state: FedState, train_sizes: Array) -> Variables:
+    """The model for a client without trained personal parts (``policy.fallback_variables``):
+    the global model, else global leaves plus the local leaves averaged by ``train_sizes``."""
+    return policy.fallback_variables(alg.policy, *model_parts(state), train_sizes)
 
 
 def evaluate_global(
@@ -121,6 +134,8 @@ def evaluate_clients(
     *,
     clients: Sequence[int] | None = None,
     adapt: Collection[int] = (),
+    personal: bool = True,
+    fallback: Collection[int] = (),
 ) -> EvalMetrics:
     """Each client's model (its own local BN leaves) on its own test data.
 
@@ -128,6 +143,9 @@ def evaluate_clients(
     evaluate every round; default all). Clients in ``adapt`` first get their BN running
     statistics recomputed on their own training images (AdaBN, :func:`fedjax_bn.adapt_bn`; no
     labels used): for clients that never trained, whose local BN is still the initial one.
+    ``personal=False``: Ditto's clients on their copy of the global model instead of their
+    personal one (no effect elsewhere). Clients in ``fallback`` are evaluated on
+    :func:`fallback_model` (averaged local parts) instead of their own local leaves.
     One client's model at a time is built, so memory does not grow with the population.
     """
     ids = range(len(np.asarray(data.test.n))) if clients is None else clients
@@ -139,8 +157,9 @@ def evaluate_clients(
         raise ValueError(f"client ids must lie in [0, {len(n_C)}), got {ids.tolist()}.")
 
     per = []
+    backup = fallback_model(alg, state, data.train.n) if len(fallback) else None
     for c in ids.tolist():
-        variables = client_model(alg, state, c)
+        variables = backup if c in fallback else client_model(alg, state, c, personal)
         if c in adapt:
             x_train = data.train.client(c)[0]
             variables = adapt_variables(task_of(alg), variables, x_train, batch_size=batch_size)

@@ -12,7 +12,16 @@ What is data (a traced float32 scalar in the state) and what stays a compile-tim
   ``ServerState.hyper["client"]`` and written into every client's optimizer state at the start
   of its round), and the server optimizer's (``server.<name>``, already in the server
   optimizer's state). ``experiments/registry.py`` builds its optimizers so; an optimizer built
-  without it keeps its values as constants.
+  without it keeps its values as constants;
+- DP-FedAvg's clip (``dp.clip_norm``, already ``DPServer.dp.clip``; the starting clip when
+  adaptive) and, with a fixed clip, its noise multiplier (``dp.noise_multiplier``). With
+  adaptive clipping the update's share of the noise is a float64 function of ``z`` and the
+  cohort size, so ``z`` stays a constant there. The accountant is the caller's: a new ``z``
+  or cohort needs a new epsilon.
+
+The robust aggregators' parameters (trimmed-mean ``beta``, Krum's ``f``, ``norm_bound``'s
+bound, the geometric median's iterations) stay constants of the build: the first three set
+shapes or are closed over by the rule, and the rules take no state.
 
     state = alg.init(key, sample_x, num_clients)
     for lr in (1e-3, 3e-3, 1e-2):
@@ -28,6 +37,7 @@ momentum and FedAdam's ``tau``, and keep the betas constant.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,7 +89,14 @@ def client_hyper(tx: optax.GradientTransformation, params: Any) -> dict[str, Arr
     init (no eager op-by-op initialization of the optimizer state)."""
     if not injected(jax.eval_shape(tx.init, params)):
         return {}
-    return jax.jit(lambda p: injected(tx.init(p)))(params)
+    return _jitted_hyper(tx)(params)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_hyper(tx: optax.GradientTransformation) -> Any:
+    """One jit per optimizer, so every ``alg.init`` of one build (seeds, sweep points) reuses
+    its program."""
+    return jax.jit(lambda p: injected(tx.init(p)))
 
 
 def algorithm_hyper(mu: float, clip_norm: float | None, client: Mapping[str, Array]) -> Any:
@@ -97,11 +114,15 @@ def algorithm_hyper(mu: float, clip_norm: float | None, client: Mapping[str, Arr
 
 def hyperparams(state: Any) -> dict[str, Array]:
     """Every hyperparameter that is data in ``state`` (a ``FedState``), by name: ``mu``,
-    ``clip_norm``, ``client.<name>``, ``server.<name>``."""
+    ``clip_norm``, ``client.<name>``, ``server.<name>``, ``dp.clip_norm``,
+    ``dp.noise_multiplier``."""
     server = state.server
     hyper = getattr(server, "hyper", None) or {}
     out = {k: hyper[k] for k in SCALARS if k in hyper}
     out.update({f"client.{k}": v for k, v in hyper.get("client", {}).items()})
+    out.update({f"dp.{k}": v for k, v in hyper.get("dp", {}).items()})
+    if "dp" in getattr(server, "_fields", ()):  # DP-FedAvg's clip (the starting one if adaptive)
+        out["dp.clip_norm"] = server.dp.clip
     server_opt = getattr(server, "opt_state", None)
     out.update({f"server.{k}": v for k, v in injected(server_opt).items()})
     return out
@@ -110,7 +131,13 @@ def hyperparams(state: Any) -> dict[str, Array]:
 def check_values(values: Mapping[str, Any]) -> None:
     """Raise a ValueError for a concrete ``mu < 0`` or ``clip_norm <= 0`` (traced values, e.g.
     under ``vmap``, are not checked)."""
-    for name, low, strict in (("mu", 0.0, False), ("clip_norm", 0.0, True)):
+    checks = (
+        ("mu", 0.0, False),
+        ("clip_norm", 0.0, True),
+        ("dp.clip_norm", 0.0, True),
+        ("dp.noise_multiplier", 0.0, False),
+    )
+    for name, low, strict in checks:
         v = values.get(name)
         if v is None or isinstance(v, jax.core.Tracer):
             continue
@@ -141,8 +168,15 @@ def with_hyperparams(state: Any, values: Mapping[str, Any]) -> Any:
     if client:
         old = hyper["client"]
         hyper["client"] = {**old, **{k: jnp.asarray(v, old[k].dtype) for k, v in client.items()}}
+    for k, v in values.items():
+        if k.startswith("dp.") and k != "dp.clip_norm":
+            name = k[len("dp.") :]
+            hyper["dp"] = {**hyper["dp"], name: jnp.asarray(v, hyper["dp"][name].dtype)}
     srv = {k[len("server.") :]: v for k, v in values.items() if k.startswith("server.")}
     new = server._replace(opt_state=inject(server.opt_state, srv)) if srv else server
+    if "dp.clip_norm" in values:
+        clip = jnp.asarray(values["dp.clip_norm"], server.dp.clip.dtype)
+        new = new._replace(dp=server.dp._replace(clip=clip))
     if "hyper" in getattr(new, "_fields", ()):
         new = new._replace(hyper=hyper or None)
     return state._replace(server=new)

@@ -117,8 +117,8 @@ def max_pool_2x2(x: Array) -> Array:
     maximum, ties included, as XLA's select-and-scatter does).
 
     Written as window max/argmax and a one-hot scatter because XLA:CPU runs select-and-scatter
-    (the gradient of ``reduce_window``) slowly: 0.8 ms instead of 16 ms for the forward and
-    backward of a [32, 28, 28, 32] activation, about half of a 28x28 SeedCNN train step."""
+    (the gradient of ``reduce_window``) slowly, at the cost of a large part of a 28x28 SeedCNN
+    train step (measured in ``docs/startup.md``, "Max pooling")."""
     return _pool_windows(x).max(-1)
 
 

@@ -8,9 +8,11 @@ slots hold ``num_clients`` (one past the last client id), so ids stay sorted wit
 first and the array keeps one shape (no re-compilation); :func:`cohort_mask` tells them apart.
 Cohort rounds (``make_round(cohort_size=...)``) give empty slots no data and no weight.
 
-All three draw by the Gumbel-top-k trick: the ``k`` largest of ``log w_c + Gumbel noise`` are
-a draw of ``k`` clients without replacement, each next one picked with probability
-proportional to ``w_c`` among those left (successive sampling; Kool et al., ICML 2019).
+``poisson`` (each client independently with probability ``q``, for DP accounting) pads its
+variable cohort to ``cohort_size`` slots the same way. All draw by the Gumbel-top-k trick: the
+``k`` largest of ``log w_c + Gumbel noise`` are a draw of ``k`` clients without replacement,
+each next one picked with probability proportional to ``w_c`` among those left (successive
+sampling; Kool et al., ICML 2019).
 Clients of weight zero are never drawn.
 """
 
@@ -100,6 +102,50 @@ def available(
     online = jax.random.uniform(online_key, (num_clients,)) < p
     log_w = jnp.where(online, 0.0, -jnp.inf)
     return _draw(draw_key, jnp.asarray(round), log_w, cohort_size)
+
+
+def poisson(key: Array, round: Array | int, num_clients: int, cohort_size: int, q: float) -> Array:
+    """Poisson sampling, for DP accounting: each client takes part independently with
+    probability ``q``; ``cohort_size`` is the bucket (the most slots a round has), padded with
+    empty slots, so rounds keep one shape.
+
+    If more than ``cohort_size`` clients are drawn, a uniform ``cohort_size`` of them train
+    (an overflow the accountant does not model): size the bucket with :func:`poisson_bucket`
+    so this happens with negligible probability.
+    """
+    check_cohort(num_clients, cohort_size)
+    if not 0 < q <= 1:
+        raise ValueError(f"The Poisson sampling rate q must lie in (0, 1], got {q}.")
+    drawn_key, order_key = jax.random.split(jax.random.fold_in(key, round))
+    drawn = jax.random.uniform(drawn_key, (num_clients,)) < q
+    log_w = jnp.where(drawn, 0.0, -jnp.inf)
+    return _draw(order_key, jnp.asarray(round), log_w, cohort_size)
+
+
+def poisson_bucket(num_clients: int, q: float, overflow: float = 1e-9) -> int:
+    """The smallest bucket ``K`` with ``P(Binomial(num_clients, q) > K) <= overflow`` (the
+    chance that a Poisson round draws more clients than :func:`poisson` keeps)."""
+    if not 0 < q <= 1:
+        raise ValueError(f"The Poisson sampling rate q must lie in (0, 1], got {q}.")
+    if not 0 < overflow < 1:
+        raise ValueError(f"overflow must lie in (0, 1), got {overflow}.")
+    k = np.arange(num_clients + 1)
+    log_pmf = (
+        _log_choose(num_clients, k) + k * np.log(q) + (num_clients - k) * np.log1p(-q)
+        if q < 1
+        else np.where(k == num_clients, 0.0, -np.inf)
+    )
+    tail = np.cumsum(np.exp(log_pmf)[::-1])[::-1]  # tail[k] = P(X >= k)
+    above = np.append(tail[1:], 0.0)  # above[k] = P(X > k)
+    return max(1, int(np.argmax(above <= overflow)))
+
+
+def _log_choose(n: int, k: np.ndarray) -> np.ndarray:
+    """``log C(n, k)`` elementwise, through log-gamma (no overflow for large ``n``)."""
+    from math import lgamma
+
+    lg = np.vectorize(lgamma)
+    return lg(n + 1) - lg(k + 1) - lg(n - k + 1)
 
 
 SAMPLERS: tuple[str, ...] = ("uniform", "by_size")  # by name in make_round; others as callables

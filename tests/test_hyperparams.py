@@ -16,6 +16,7 @@ from conftest import IMAGE_SHAPE, CounterModel, assert_trees_equal, make_clients
 
 import fedjax_bn as fb
 from experiments.registry import coupled_adam
+from fedjax_bn.privacy import gaussian
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiles = {"n": 0}
@@ -106,15 +107,23 @@ def test_lr_mu_sweep_equals_constant_runs() -> None:
             "momentum",
         ),
         (lambda v, **kw: fb.fedavg(CounterModel(), optax.sgd(0.05), clip_norm=v, **kw), "clip"),
+        (lambda v, **kw: fb.fedavg(CounterModel(), optax.sgd(0.05), dp=gaussian(v, 0.5)), "z"),
+        (
+            lambda v, **kw: fb.fedavg(CounterModel(), optax.sgd(0.05), dp=gaussian(0.3, v)),
+            "dp_clip",
+        ),
     ],
 )
 def test_server_side_values_as_data_equal_constants(factory: Any, values: str) -> None:
-    """Server learning rate, FedAvgM momentum and clip norm set as data give the run built with
-    the value as a constant, bitwise, through the program compiled for the first value."""
+    """Server learning rate, FedAvgM momentum, clip norm and DP-FedAvg's noise multiplier and
+    clip set as data give the run built with the value as a constant, bitwise, through the
+    program compiled for the first value."""
     name, grid = {
         "lr": ("server.learning_rate", (1e-2, 3e-2)),
         "momentum": ("server.momentum", (0.9, 0.5)),
         "clip": ("clip_norm", (1.0, 0.05)),
+        "z": ("dp.noise_multiplier", (0.3, 1.1)),
+        "dp_clip": ("dp.clip_norm", (0.5, 0.07)),
     }[values]
     alg = factory(grid[0])
     round_fn = fb.make_round(alg, executor="vmap", batch_size=4)
@@ -130,6 +139,8 @@ def test_server_side_values_as_data_equal_constants(factory: Any, values: str) -
         fb.make_round(const, executor="vmap", batch_size=4),
     )
     assert_trees_equal(model_of(swept), model_of(ref))
+    if values.startswith(("z", "dp")):  # the adaptive clip's state as well
+        assert_trees_equal(swept.server.dp, ref.server.dp)
 
 
 def test_persistent_client_optimizer_takes_the_server_values() -> None:
@@ -153,6 +164,13 @@ def test_what_is_data() -> None:
     as it was)."""
     plain = fb.fedavg(CounterModel(), optax.sgd(0.1))
     assert plain.init(jax.random.key(0), sample_x(), 2).server.hyper is None
+    dp = fb.fedavg(CounterModel(), optax.sgd(0.1), dp=gaussian(0.7, 0.5))
+    assert sorted(fb.hyperparams(dp.init(jax.random.key(0), sample_x(), 2))) == [
+        "dp.clip_norm",
+        "dp.noise_multiplier",
+    ]
+    adaptive = fb.fedavg(CounterModel(), optax.sgd(0.1), dp=gaussian(0.7, 0.5, target_quantile=0.5))
+    assert list(fb.hyperparams(adaptive.init(jax.random.key(0), sample_x(), 2))) == ["dp.clip_norm"]
     alg = adam_prox(0.1, 0.5, injected=True, clip_norm=2.0)
     got = fb.hyperparams(alg.init(jax.random.key(0), sample_x(), 2))
     want = {"mu": 0.5, "clip_norm": 2.0, "client.learning_rate": 0.1, "client.weight_decay": 1e-4}

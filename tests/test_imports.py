@@ -5,7 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("sklearn", "tensorflow_datasets", "matplotlib", "ml_collections", "orbax")
+HEAVY = (
+    "sklearn",
+    "tensorflow_datasets",
+    "matplotlib",
+    "ml_collections",
+    "orbax",
+    "dp_accounting",
+)
 
 
 def test_import_fedjax_bn_loads_no_heavy_optional_library() -> None:

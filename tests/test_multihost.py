@@ -1,6 +1,6 @@
 """The sharded executor over two processes (the multi-host path), on localhost's CPU.
 
-Two processes of ``experiments/multihost.py`` join one ``jax.distributed`` runtime (a local
+Two processes of ``benchmarks/multihost.py`` join one ``jax.distributed`` runtime (a local
 coordinator, gloo CPU collectives), each holding half of the population's clients and client
 state, and run sampled cohort rounds; one process with two CPU devices runs the same rounds
 alone. Both processes must end with the same state, and that state must equal the
@@ -44,11 +44,11 @@ def child_env() -> dict[str, str]:
 
 
 def command(out: Path, *extra: str) -> list[str]:
-    """``python -m experiments.multihost`` with the test's tiny run."""
+    """``python -m benchmarks.multihost`` with the test's tiny run."""
     return [
         sys.executable,
         "-m",
-        "experiments.multihost",
+        "benchmarks.multihost",
         "--cpu",
         f"--out={out}",
         f"--rounds={ROUNDS}",

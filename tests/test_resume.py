@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import registry, run, runner
+from experiments import registry, run, runner, train
 from fedjax_bn.checkpoint import Checkpointer
 
 ROUNDS = 7
@@ -53,7 +53,7 @@ def rows(out: Path) -> list[dict[str, Any]]:
 
 def final_state(out: Path) -> Any:
     config = run.resume_config(str(out))
-    data = registry.build_setting(config.settings[0], config, runner.derive_seeds(0).data)
+    data = registry.build_setting(config.settings[0], config, train.derive_seeds(0).data)
     alg = registry.build_algorithm(
         "fedbn",
         registry.build_model(config, data.num_classes),
@@ -61,7 +61,7 @@ def final_state(out: Path) -> Any:
         config,
     )
     like = alg.init(jax.random.key(0), data.train.x[0, :1], data.num_clients)
-    ckpt = Checkpointer(runner.checkpoint_dir(out, config.settings[0], "fedbn", 0))
+    ckpt = Checkpointer(train.checkpoint_dir(out, config.settings[0], "fedbn", 0))
     restored = ckpt.restore(like)
     ckpt.close()
     return restored

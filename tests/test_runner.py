@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import registry, report, run, runner
+from experiments import plots, registry, report, run, runner
 from experiments.configs import base
 
 SMOKE = str(Path(run.__file__).parent / "configs" / "smoke.py")
@@ -224,6 +224,11 @@ BAD_VALUES = [
     ("eval_batch_size", "0", "integer >= 1"),
     ("data.max_train", "-1", "integer >= 0"),
     ("data.max_test", "-1", "integer >= 0"),
+    ("dp.noise_multiplier", "-1", ">= 0"),
+    ("dp.clip_norm", "0", "> 0"),
+    ("dp.q", "1.5", "[0, 1]"),
+    ("dp.delta", "1", "[0, 1)"),
+    ("dp.target_epsilon", "-2", ">= 0"),
 ]
 
 
@@ -310,8 +315,8 @@ def test_plot_legends_list_only_drawn_curves_with_their_sources() -> None:
 
     rows = {"fedavg": _rows("fedavg", "probe", True), "fedbn": _rows("fedbn", "local", False)}
     fig, axes = plt.subplots(1, 2)
-    drawn = [report._panel(ax, rows, p) for ax, p in zip(axes, report.ACCURACY_PANELS, strict=True)]
-    report._share_y(axes, report.ACCURACY_PANELS, drawn)
+    drawn = [plots._panel(ax, rows, p) for ax, p in zip(axes, plots.ACCURACY_PANELS, strict=True)]
+    plots._share_y(axes, plots.ACCURACY_PANELS, drawn)
     legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
     assert legend == ["fedavg (mean ± std over 2 seeds)"]
     assert "no global model: fedbn" in axes[0].get_title()
@@ -319,14 +324,14 @@ def test_plot_legends_list_only_drawn_curves_with_their_sources() -> None:
     assert axes[0].get_xlabel() == "round" and axes[0].get_ylabel() == "accuracy"
     plt.close(fig)
 
-    bn_div, _, affine = report.DIVERGENCE_PANELS
+    bn_div, _, affine = plots.DIVERGENCE_PANELS
     fig, (ax_bn, ax_affine) = plt.subplots(1, 2)
-    report._panel(ax_bn, rows, bn_div)
+    plots._panel(ax_bn, rows, bn_div)
     assert [t.get_text().split(" (")[0] for t in ax_bn.get_legend().get_texts()] == [
         "fedavg [probe]",
         "fedbn [running]",
     ]
-    assert not report._panel(ax_affine, rows, affine) and ax_affine.get_legend() is None
+    assert not plots._panel(ax_affine, rows, affine) and ax_affine.get_legend() is None
     plt.close(fig)
 
 

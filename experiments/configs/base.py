@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     # fixbn: rounds < fix_round are FedAvg, later rounds train BN on the frozen global
     # statistics (half of the default 40 rounds, the paper's exploration/calibration split).
     c.fix_round = 20
+    c.head = "Dense_1"  # fedper/fedrep/lg_fedavg: head modules (seed_cnn's classifier layer)
+    c.head_steps = 2  # fedrep: local steps per round that train the head alone, body frozen
+    c.ditto_lambda = 0.1  # ditto: proximal weight of the personal model towards the global one
     c.out_dir = ""  # empty: results/<name>-<timestamp>
     c.recalibrate = False  # evaluate fedavg-policy models after exact BN recalibration
     c.cohort_size = 0  # clients sampled per round (by `sampler`); 0: every client every round
@@ -53,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 5  # save the run state (orbax) every this many rounds, and at the end
     c.keep_checkpoints = 2  # how many of a run's latest checkpoints are kept
     c.progress = True  # tqdm bar per run
+    c.tensorboard = True  # TensorBoard events in <out_dir>/tensorboard (tensorboardX)
     # jax's persistent compilation cache: runs sharing programs (and every later invocation)
     # skip most of the first round's compilation. Empty: disabled.
     c.compilation_cache = "~/.cache/fedjax_bn/jax"
@@ -92,4 +96,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.monitor.probe_size = 64  # examples per client in the fixed probe batch
 
     c.eval_batch_size = 256  # batch size of evaluation only
+
+    # DP-FedAvg (fedjax_bn.privacy, docs/privacy.md), for every algorithm of the run.
+    c.dp = ml_collections.ConfigDict()
+    c.dp.enabled = False  # True: every algorithm of the run trains with DP-FedAvg
+    c.dp.noise_multiplier = 1.0  # z: noise std z * clip on the sum of clipped updates
+    c.dp.clip_norm = 1.0  # L2 clip of each client's whole update (the start when adaptive)
+    c.dp.target_epsilon = 0.0  # > 0: calibrate noise_multiplier to it for config.rounds
+    c.dp.delta = 0.0  # 0: 1 / (number of training clients)
+    c.dp.q = 0.0  # > 0: Poisson sampling at this rate (cohort_size: the bucket, 0: auto)
+    c.dp.target_quantile = 0.0  # > 0: adaptive clipping toward this quantile of update norms
+    c.dp.clip_learning_rate = 0.2  # adaptive clipping's geometric step
+    c.dp.accountant = "rdp"  # rdp | pld (dp_accounting)
     return c

@@ -9,9 +9,11 @@ from fedjax_bn.algorithms.base import (
     client_variables,
     init_variables,
     model_parts,
+    personal_variables,
     task_of,
 )
 from fedjax_bn.algorithms.batch_stats_only import fedavg_batch_stats_only
+from fedjax_bn.algorithms.ditto import ditto
 from fedjax_bn.algorithms.fedavg import (
     ClientState,
     Message,
@@ -26,6 +28,7 @@ from fedjax_bn.algorithms.fedavg import (
 )
 from fedjax_bn.algorithms.fednova import fednova
 from fedjax_bn.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
+from fedjax_bn.algorithms.fedrep import fedper, fedrep, lg_fedavg
 from fedjax_bn.algorithms.fixbn import fixbn
 from fedjax_bn.algorithms.scaffold import scaffold
 
@@ -36,6 +39,7 @@ __all__ = [
     "Message",
     "ServerState",
     "client_variables",
+    "ditto",
     "fedadagrad",
     "fedadam",
     "fedavg",
@@ -44,10 +48,14 @@ __all__ = [
     "fedbn",
     "fedbn_prox",
     "fednova",
+    "fedper",
+    "fedrep",
     "fedprox",
     "fedyogi",
     "fixbn",
     "init_variables",
+    "lg_fedavg",
+    "personal_variables",
     "task_of",
     "make_algorithm",
     "model_parts",

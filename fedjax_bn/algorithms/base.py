@@ -24,6 +24,10 @@ the switch is a host-side choice between programs instead of a ``lax.cond`` in e
 Every stage has the same state layout; the algorithm's own functions stay valid for callers
 that drive them directly.
 
+``update_empty`` (default False): whether ``server_update`` must run on a round where no
+client counts (all weights zero: an empty cohort, every client quarantined). Without it the
+server state stays as it was; DP-FedAvg sets it, since its noise is released every round.
+
 The state is ``FedState(server, clients, round)``: ``server`` is replicated; every leaf of
 ``clients`` has a leading client axis. Executors gather, run, scatter, place and shard
 ``clients`` by that layout, never by field names. An algorithm's server and client states are
@@ -69,6 +73,7 @@ class Algorithm(NamedTuple):
     server_update: Callable[[Any, Any, Array], Any]
     local: Any = None  # the LocalTraining spec where the algorithm has one (models, tests)
     stages: tuple[tuple[int, Any], ...] = ()  # ((first_round, Algorithm), ...), see above
+    update_empty: bool = False  # server_update runs even when no client counts (DP's noise)
 
     @property
     def task(self) -> Task:
@@ -118,8 +123,8 @@ def init_compiler_options(backend: str | None = None) -> dict[str, Any]:
     shuffle): on CPU, LLVM optimization level 2, not 3.
 
     At XLA:CPU's default level 3 the init (threefry bits and initializers, unrolled per
-    parameter) took 6.8-7.9 s to compile on the 2-core machine (SeedCNN, loaded), at level 2
-    1.8-2.1 s; it runs once, a few ms either way, and its variables are bitwise those of level 3
+    parameter) compiles several times slower than at level 2 (figures and command in
+    ``docs/startup.md``); it runs once, and its variables are bitwise those of level 3
     (``tests/test_algorithms.py``). The shuffle is integer-only, so no level changes its bits.
     The train steps gain nothing from a lower level (same compile seconds, and their results
     change), so they keep the default. A level set in ``XLA_FLAGS`` wins (the test suite
@@ -144,3 +149,12 @@ def client_variables(state: FedState, c: int) -> Variables:
     """Client ``c``'s personal model: the global leaves plus its own local leaves."""
     local = jax.tree.map(lambda a: a[c], state.clients.local)
     return merge(state.server.shared, state.server.pooled, local)
+
+
+def personal_variables(state: FedState, c: int) -> Variables:
+    """Client ``c``'s own whole personal model where its algorithm keeps one (a ``personal``
+    client field, Ditto) and it has trained (``rounds > 0``); else :func:`client_variables`."""
+    personal = getattr(state.clients, "personal", None)
+    if personal is None or int(jax.device_get(state.clients.rounds[c])) == 0:
+        return client_variables(state, c)
+    return jax.tree.map(lambda a: a[c], personal)

@@ -33,6 +33,10 @@ def fedavg_batch_stats_only(
         if owned in kw:
             raise TypeError(f"fedavg_batch_stats_only sets {owned!r} itself; it cannot be passed.")
     name = kw.pop("name", "fedavg_batch_stats_only")
+    if kw.get("dp") is not None:
+        raise ValueError(
+            "DP is not available for fedavg_batch_stats_only; use dp= with fedavg, fedbn or silobn."
+        )
     base = make_algorithm(model, client_tx, policy="fedavg", name=name, **kw)
 
     def client_final(carry: Any) -> tuple[Message, ClientState, ClientMetrics]:

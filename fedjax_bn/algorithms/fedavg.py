@@ -10,8 +10,9 @@ keep their value and dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,6 +32,7 @@ from fedjax_bn.hyper import algorithm_hyper, client_hyper, inject
 from fedjax_bn.policy import (
     BN_STATS,
     BnStats,
+    LocalSpec,
     Policy,
     check_policy,
     float_leaves,
@@ -39,6 +41,9 @@ from fedjax_bn.policy import (
     pool_batch_stats,
     with_leaves,
 )
+from fedjax_bn.privacy.dp_fedavg import privatize
+from fedjax_bn.privacy.gaussian import Gaussian
+from fedjax_bn.robust import Aggregator, aggregate, aggregate_batch_stats
 from fedjax_bn.task import Augment, PerExample, make_task
 from fedjax_bn.tree import Variables, check_same_structure, repeat_clients
 
@@ -118,6 +123,18 @@ def clip_updates(shared_C: Variables, server: Variables, max_norm: float) -> Var
     return with_leaves(shared_C, {p: clip(p) for p in old})
 
 
+def check_aggregation(bn_stats: str, aggregator: Aggregator | None, normalize: str | None) -> None:
+    """One clear ValueError for an unknown ``bn_stats`` or a combination that has no meaning."""
+    if bn_stats not in (*BN_STATS, "robust"):
+        raise ValueError(f"Unknown bn_stats {bn_stats!r}; valid: {', '.join(BN_STATS)}, robust.")
+    if bn_stats == "robust" and aggregator is None:
+        raise ValueError("bn_stats='robust' needs an aggregator (e.g. fedjax_bn.robust.median()).")
+    if aggregator is not None and not isinstance(aggregator, Aggregator):
+        raise ValueError(f"aggregator must be a fedjax_bn.robust.Aggregator, got {aggregator!r}.")
+    if aggregator is not None and normalize is not None:
+        raise ValueError("normalize='fednova' and a robust aggregator cannot be combined.")
+
+
 def make_algorithm(
     model: nn.Module,
     client_tx: optax.GradientTransformation,
@@ -127,14 +144,17 @@ def make_algorithm(
     bn_train: bool = True,
     persist_client_optimizer: bool = False,
     server_tx: optax.GradientTransformation | None = None,
-    bn_stats: BnStats = "pooled",
+    bn_stats: BnStats | Literal["robust"] | None = None,
+    aggregator: Aggregator | None = None,
     clip_norm: float | None = None,
     normalize: str | None = None,
+    local: LocalSpec = (),
     name: str | None = None,
     loss: PerExample | None = None,
     metrics: Mapping[str, PerExample] | None = None,
     augment: Augment | None = None,
     train_kw: str = "train",
+    dp: Gaussian | None = None,
 ) -> Algorithm:
     """Build an algorithm from a BN policy (``policy.py``) and local/server options.
 
@@ -142,12 +162,19 @@ def make_algorithm(
     reproduces the original bug (BN in eval mode while training) on purpose, as an ablation.
     ``persist_client_optimizer`` keeps each client's optimizer state across rounds.
     ``server_tx``: an optax transform stepping the averaged shared float parameters (FedAvgM,
-    FedAdam, ...). ``bn_stats``: how fedavg folds BN running statistics, ``"pooled"`` (the
-    statistics of the union of the clients' data) or ``"mean"`` (the plain weighted mean of
-    each statistic, as PyTorch loops and Flower do). ``clip_norm``: each client's update of
+    FedAdam, ...). ``aggregator``: a robust rule (``fedjax_bn.robust``) folding the shared
+    float leaves instead of the weighted mean (None: the weighted mean, as before).
+    ``bn_stats``: how fedavg folds BN running statistics, ``"pooled"`` (the statistics of the
+    union of the clients' data), ``"mean"`` (the plain weighted mean of each statistic, as
+    PyTorch loops and Flower do) or ``"robust"`` (``aggregator``'s rule, variances kept >= 0);
+    None: ``"robust"`` with an aggregator, else ``"pooled"``. ``clip_norm``: each client's update of
     the shared float parameters is scaled to at most this L2 norm before averaging (a guard
     against exploding clients, next to the executors' NaN quarantine). ``normalize="fednova"``:
     FedNova's normalized averaging of the shared float parameters (``algorithms/fednova.py``).
+    ``local``: modules kept per client under any policy (personalization, ``policy.py``): names
+    matched as module-path components (``("Dense_1",)``: FedPer's head), ``AllBut(names)``
+    (LG-FedAvg's body) or a predicate over module paths; their ``params`` and ``batch_stats``
+    never leave the client. A name that matches no module is a ValueError at ``init``.
 
     The task (``fedjax_bn.task``): ``model`` is a Linen module as written (its mode parameter,
     ``train`` or ``train_kw``, is passed by keyword at every call whatever its default) or an
@@ -155,8 +182,21 @@ def make_algorithm(
     (default: softmax cross-entropy on integer labels); ``metrics={name: fn(outputs, y) ->
     [B]}`` (default accuracy with the default loss, none with a custom one); ``augment(key,
     x_B) -> x_B`` runs in the jitted step on training batches only.
+
+    ``dp=fedjax_bn.privacy.gaussian(noise_multiplier=, clip_norm=)``: DP-FedAvg (McMahan et
+    al. 2018): each client's update of everything it sends is clipped jointly, the server
+    noises the sum and divides by the expected cohort size (uniform weights). Under
+    ``fedavg`` the BN statistics travel inside the clipped, noised update; under ``fedbn`` and
+    ``silobn`` they stay local (``fedjax_bn/privacy/dp_fedavg.py``, ``docs/privacy.md``).
+    None (default): no DP, this function's algorithm exactly as without the option.
     """
     check_policy(policy)
+    check_dp(dp, clip_norm=clip_norm, normalize=normalize)
+    if dp is not None and aggregator is not None:
+        raise ValueError(
+            "dp and aggregator do not compose yet: DP-FedAvg's noise is calibrated to a clipped "
+            "sum, not to a robust rule. Use one of them."
+        )
     task = make_task(model, loss=loss, metrics=metrics, augment=augment, train_kw=train_kw)
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
@@ -164,14 +204,14 @@ def make_algorithm(
         raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {clip_norm}.")
     if normalize not in NORMALIZE:
         raise ValueError(f"Unknown normalize {normalize!r}; valid: None, 'fednova'.")
-    if bn_stats not in BN_STATS:
-        raise ValueError(f"Unknown bn_stats {bn_stats!r}; valid: {', '.join(BN_STATS)}.")
+    bn_stats = bn_stats or ("robust" if aggregator is not None else "pooled")
+    check_aggregation(bn_stats, aggregator, normalize)
     spec = LocalTraining(model=task, tx=client_tx, mu=float(mu), bn_train=bn_train)
 
     def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
         check_num_clients(num_clients)
         variables = init_variables(task, rng_or_variables, sample_x)
-        parts = partition(variables, policy)
+        parts = partition(variables, policy, local)
         opt = client_tx.init(variables["params"]) if persist_client_optimizer else None
         hyper = algorithm_hyper(mu, clip_norm, client_hyper(client_tx, variables["params"]))
         server = ServerState(
@@ -193,7 +233,7 @@ def make_algorithm(
         return carry._replace(local=local)
 
     def client_final(carry: Carry) -> tuple[Message, ClientState, ClientMetrics]:
-        parts = partition(carry.local.variables, policy)
+        parts = partition(carry.local.variables, policy, local)
         opt = carry.local.opt_state if persist_client_optimizer else None
         metrics = client_lib.metrics(carry.local)
         steps = carry.local.steps if normalize else None
@@ -207,22 +247,48 @@ def make_algorithm(
         if clip_norm is not None:
             max_norm = (server.hyper or {}).get("clip_norm", clip_norm)
             shared_C = clip_updates(shared_C, server.shared, max_norm)
-        if normalize is None:
+        if aggregator is not None:
+            mean = aggregate(aggregator, shared_C, weights_C, server.shared)
+        elif normalize is None:
             mean = weighted_mean(shared_C, weights_C, server.shared)
         elif messages.steps is None:
             raise ValueError("normalize='fednova' needs each client's steps in Message.steps.")
         else:
             mean = normalized_mean(shared_C, weights_C, messages.steps, server.shared)
         shared, opt_state = server_step(server_tx, server.shared, server.opt_state, mean)
-        pooled = server.pooled and pool_batch_stats(
-            messages.pooled, weights_C, server.pooled, bn_stats
-        )
-        return ServerState(shared, pooled, opt_state, server.hyper)
+        if bn_stats == "robust":
+            pooled = server.pooled and aggregate_batch_stats(
+                aggregator, messages.pooled, weights_C, server.pooled
+            )
+        else:
+            pooled = server.pooled and pool_batch_stats(
+                messages.pooled, weights_C, server.pooled, bn_stats
+            )
+        return server._replace(shared=shared, pooled=pooled, opt_state=opt_state)
 
     label = name or (policy if mu == 0 else f"{policy}+prox")
-    return Algorithm(
+    alg = Algorithm(
         label, policy, model, init, client_init, client_step, client_final, server_update, spec
     )
+    if dp is None:
+        return alg
+    return privatize(alg, dp, server_step=functools.partial(server_step, server_tx), how=bn_stats)
+
+
+def check_dp(dp: Gaussian | None, *, clip_norm: float | None, normalize: str | None) -> None:
+    """Raise a clear error for a DP option this family cannot honour."""
+    if dp is None:
+        return
+    if not isinstance(dp, Gaussian):
+        raise TypeError(f"dp must come from fedjax_bn.privacy.gaussian(...), got {type(dp)}.")
+    if clip_norm is not None:
+        raise ValueError("dp clips each client's update itself (dp.clip_norm); pass no clip_norm.")
+    if normalize is not None:
+        raise ValueError(
+            "DP is not available with normalize='fednova' (FedNova): each client's local "
+            "step count would leave it un-noised. Use DP with fedavg, fedprox, fedbn, silobn "
+            "or a server optimizer (fedavgm, fedadam, ...)."
+        )
 
 
 def fedavg(model: nn.Module, client_tx: optax.GradientTransformation, **kw: Any) -> Algorithm:

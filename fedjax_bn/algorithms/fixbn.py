@@ -34,10 +34,10 @@ FedAvg family's ``persist_client_optimizer``. ``keep_momentum`` says when:
 
 The two phases are two *stages* of the algorithm (``Algorithm.stages``): the executors pick the
 stage by the round on the host and compile each stage's step once, so a local step is a plain
-train step of one BN mode (a ``lax.cond`` between the modes in every step ran 4-6x slower on
-XLA:CPU, which runs convolutions inside control flow slowly). The algorithm's own functions,
-for callers that drive them directly, choose the phase from the server's round counter with
-that ``lax.cond`` and give the same results.
+train step of one BN mode (a ``lax.cond`` between the modes in every step ran several times
+slower on XLA:CPU, which runs convolutions inside control flow slowly: ``docs/design.md``).
+The algorithm's own functions, for callers that drive them directly, choose the phase from the
+server's round counter with that ``lax.cond`` and give the same results.
 """
 
 from __future__ import annotations
@@ -103,6 +103,12 @@ def fixbn(
     if keep_momentum not in KEEP_MOMENTUM:
         raise ValueError(
             f"Unknown keep_momentum {keep_momentum!r}; valid: {', '.join(KEEP_MOMENTUM)}."
+        )
+    if kw.get("dp") is not None:
+        raise ValueError(
+            "DP is not available for fixbn yet (its two stages would each need the DP server "
+            "state). Private alternatives: fedbn or silobn (BN statistics stay local), fedavg "
+            "with dp (statistics noised), or a GroupNorm model (model.norm='group')."
         )
     for owned in ("policy", "bn_train", "persist_client_optimizer"):
         if owned in kw:

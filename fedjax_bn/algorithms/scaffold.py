@@ -95,6 +95,11 @@ def scaffold(
     """
     if lr <= 0:
         raise ValueError(f"SCAFFOLD needs the client learning rate lr > 0, got {lr}.")
+    if kw.get("dp") is not None:
+        raise ValueError(
+            "DP is not available for SCAFFOLD: each client's control-variate change would "
+            "leave it un-noised. Use dp= with fedavg, fedprox, fedbn, silobn or fedavgm/fedadam."
+        )
     base = make_algorithm(model, client_tx, policy=policy, name=name, **kw)
     spec = base.local
 

@@ -31,7 +31,7 @@ step plan from sizes; with one group (``num_groups=1``) it gets canonical sizes
 ``lo = hi // 2`` when every cohort client holds at least that many examples, else 0, bounds
 the steps that run unmasked (full for all clients). So a lockstep cohort round compiles at
 most twice per ``N_max`` bucket (:func:`bucket_key`). A finer ``lo`` (the smallest size itself)
-would unmask a few more steps (a masked BatchNorm costs ~7-12% more on XLA:CPU) for up to one
+would unmask a few more steps (a masked BatchNorm costs more on XLA:CPU) for up to one
 plan per pair of size buckets. With ``num_groups > 1`` (or ``K = 1``) lockstep plans use the
 real sizes: correct, but a new combination of sizes compiles a new plan. The sequential
 executor compiles its per-call functions once per ``N_max`` bucket and call kind (full or

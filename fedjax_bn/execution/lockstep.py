@@ -162,5 +162,6 @@ def lockstep_round(
 
 
 def default_local_loop() -> LocalLoop:
-    """``unroll`` on CPU (conv gradients in a while loop are 4-13x slower there), else ``scan``."""
+    """``unroll`` on CPU (conv gradients in a while loop are several times slower there), else
+    ``scan``."""
     return "unroll" if jax.default_backend() == "cpu" else "scan"

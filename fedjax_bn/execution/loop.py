@@ -3,9 +3,9 @@
 Every executor runs clients through :func:`local_steps` with the algorithm's ``client_step``:
 the lockstep executors over a whole round (vmapped, chunked or sharded), ``sequential`` over
 the few steps of one jitted call. Steps that are full for every client run with no mask at all
-(a masked BatchNorm costs ~7-12% more on XLA:CPU); the rest are masked, and a fully masked step
+(a masked BatchNorm costs more on XLA:CPU); the rest are masked, and a fully masked step
 is a no-op. ``scan`` suits GPU/TPU; ``unroll`` avoids the XLA:CPU trap where convolution
-gradients inside a while loop run 4-13x slower (``docs/design.md``).
+gradients inside a while loop run several times slower (``docs/design.md``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ A round's batches come from one canonical layout (``batches.round_batches``): cl
 first, then masked no-op steps. Executors that run clients in lockstep (vmap, chunked, sharded)
 pay for those no-op steps; a :class:`Plan` cuts them down by grouping clients of similar size,
 and tells which steps are *full* for every client of a group (those run with no mask at all,
-which is as fast as a plain train step; a masked BatchNorm costs ~7-12% more on XLA:CPU).
+which is as fast as a plain train step; a masked BatchNorm costs more on XLA:CPU).
 Plans are built on the host from the clients' sizes, are hashable, and are static under jit.
 """
 

@@ -3,7 +3,8 @@
 Every executor folds a round's client outputs through :func:`aggregate_round`: a quarantined
 client gets weight zero, its message is zeroed (so ``0 * NaN`` cannot reach the mean), and its
 client state is not written back (it keeps the state it started the round with). If every
-client is quarantined the server state stays as it was. Algorithm-agnostic: it looks at every
+client is quarantined the server state stays as it was, unless the algorithm sets
+``update_empty`` (DP-FedAvg: its update is noise alone then). Algorithm-agnostic: it looks at every
 float leaf of the messages and client states, never at their fields.
 """
 
@@ -52,6 +53,8 @@ def aggregate_round(
     messages = select_clients(ok, messages, jax.tree.map(jnp.zeros_like, messages))
     clients = select_clients(ok, clients, old_clients)
     w = jnp.where(ok, jnp.asarray(weights_C, jnp.float32), 0.0)
+    if alg.update_empty:  # e.g. DP: noise is released whether or not a client took part
+        return alg.server_update(server, messages, w), clients, ~ok
     any_ok = jnp.any(ok & (w > 0))
     # With no client left, aggregate with dummy weights and keep the old server state.
     new = alg.server_update(server, messages, jnp.where(any_ok, w, 1.0))

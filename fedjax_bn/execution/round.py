@@ -12,7 +12,7 @@ round of any :class:`~fedjax_bn.algorithms.Algorithm` through its pure client fu
 - ``sharded``: the client axis split over a device mesh, several GPUs/TPUs or hosts
   (``sharded.py``);
 - ``auto``: picked per backend and cohort size by :func:`choose_executor`, from the benchmark
-  (``experiments/bench.py``); the pick is logged and kept in ``Round.executor``.
+  (``benchmarks/bench.py``); the pick is logged and kept in ``Round.executor``.
 
 With ``cohort_size=K`` a round trains a sampled cohort of the population instead of every
 client (``cohort.py``; samplers in ``fedjax_bn.sampling``, client state placement in

@@ -2,8 +2,8 @@
 as jitted calls.
 
 This is the fast path on XLA:CPU, which has two traps measured in ``docs/design.md``:
-convolution gradients inside a while loop (``lax.scan``) run 4-13x slower, and vmapped
-per-client convs 2-5x slower. Here nothing loops on device: the host walks a schedule built
+convolution gradients inside a while loop (``lax.scan``) run several times slower, and
+vmapped per-client convs slower too. Here nothing loops on device: the host walks a schedule built
 once from the clients' sizes (``plan.schedule``) and dispatches jitted calls that each run
 ``steps_per_call`` unrolled steps of the one local loop (``loop.local_steps``).
 
@@ -169,7 +169,7 @@ class SequentialRound:
         # outputs into it is in place, and compile cost does not grow with the cohort.
         self._begin = jax.jit(begin, static_argnums=(1, 2))
         # The shuffle is integer arithmetic and sorting only, so a lower LLVM level gives the
-        # same bits by construction, and compiles in 0.3-0.4 s instead of 0.64 (digits, quiet).
+        # same bits by construction, and compiles faster (``docs/startup.md``).
         self._shuffle = jax.jit(
             lambda key, n_C, n_max: round_batches(key, n_C, n_max, batch_size, local_epochs),
             static_argnums=2,

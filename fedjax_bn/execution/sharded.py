@@ -20,7 +20,7 @@ devices. Several hosts (one process per host):
    server state with :func:`replicated`;
 4. call the same round function in every process, in the same order, with the same key.
 
-``experiments/multihost.py`` does all of this; ``tests/test_multihost.py`` runs it as two
+``benchmarks/multihost.py`` does all of this; ``tests/test_multihost.py`` runs it as two
 processes on one machine and checks them against one process.
 """
 

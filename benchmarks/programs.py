@@ -1,6 +1,6 @@
 """Count the XLA programs a short run compiles (a script, not a test; issue: compile less).
 
-    FEDJAX_BN_COMPILATION_CACHE=0 python -m experiments.programs
+    FEDJAX_BN_COMPILATION_CACHE=0 python -m benchmarks.programs
 
 Runs the digits workload (10 clients, SeedCNN 32/64 + FC 128, Adam + coupled L2, FedProx,
 sequential executor): init, two rounds, a global and a per-client evaluation, with

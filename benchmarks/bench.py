@@ -10,9 +10,9 @@ the median of the per-pair ratios, the padded fraction of lockstep client-steps,
 (compiling) round, and peak memory (host RSS; device memory where the backend reports it).
 JSON plus a table:
 
-    python -m experiments.bench                       # default matrix (~9 minutes on 2 CPUs)
-    python -m experiments.bench --cases digits:10:5 --executors auto,vmap --repeats 10
-    python -m experiments.bench --cases cifar:100:5,digits:1000:5 --executors auto,vmap,chunked
+    python -m benchmarks.bench                       # default matrix (~9 minutes on 2 CPUs)
+    python -m benchmarks.bench --cases digits:10:5 --executors auto,vmap --repeats 10
+    python -m benchmarks.bench --cases cifar:100:5,digits:1000:5 --executors auto,vmap,chunked
 
 A case is ``model:clients:steps[:spread]`` (models: ``digits`` 8x8x1, ``fmnist`` 28x28x1,
 ``cifar`` 32x32x3, all SeedCNN widths (32, 64), hidden 128); a spread of 0.5 draws client sizes
@@ -30,9 +30,9 @@ median), XLA compilations during the timed rounds, the client state's bytes (whe
 bytes per client) and the growth of host RSS and of live jax arrays over the case's start; a
 ``full`` row is the full-participation reference (K clients, every round). JSON, CSV, markdown:
 
-    python -m experiments.bench --population   # N = 1e3, 1e4, 1e5, K = 50, device + host, fedbn
-    python -m experiments.bench --population --population-sizes=10000 --cohorts=500 --repeats 4
-    python -m experiments.bench --population --algorithms=fedavg,scaffold --population-sizes=1000
+    python -m benchmarks.bench --population   # N = 1e3, 1e4, 1e5, K = 50, device + host, fedbn
+    python -m benchmarks.bench --population --population-sizes=10000 --cohorts=500 --repeats 4
+    python -m benchmarks.bench --population --algorithms=fedavg,scaffold --population-sizes=1000
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """What a researcher waits for: a short run as a whole fresh process, cold and warm cache.
 
-    python -m experiments.startup                       # JAX only
-    python -m experiments.startup --torch-python /tmp/torchvenv/bin/python  # and torch's loop
+    python -m benchmarks.startup                       # JAX only
+    python -m benchmarks.startup --torch-python /tmp/torchvenv/bin/python  # and torch's loop
 
 The workload (issue 10's): the embedded digits, 10 clients Dirichlet 0.5, SeedCNN 32/64 + FC
 128, Adam 5e-4 + coupled weight decay 1e-4, batch 32, one local epoch, FedAvg, 30 rounds, then
 the global test accuracy. The parent writes the clients to an ``.npz`` once; every child
-process (JAX here, torch in ``experiments/torch_reference.py``) loads that same file, so both
+process (JAX here, torch in ``benchmarks/torch_reference.py``) loads that same file, so both
 sides pay the same data cost and train on the same clients.
 
 Per JAX process it reports: import seconds, compiled programs and compile seconds (from
@@ -154,7 +154,7 @@ def run_child(workload: str, rounds: int) -> dict[str, Any]:
     end = time.time()
     compiles = log.summary()
 
-    from experiments.bench import model_and_tx, timed, yardstick
+    from benchmarks.bench import model_and_tx, timed, yardstick
 
     steps = sum(real_steps(len(y), 32, 1) for y in ys)
     run = yardstick(*model_and_tx(), train, 32)
@@ -182,7 +182,7 @@ def step_child(batch: int, repeats: int, steps: int) -> list[dict[str, Any]]:
     import numpy as np
 
     import fedjax_bn as fb
-    from experiments.bench import model_and_tx, timed, yardstick
+    from benchmarks.bench import model_and_tx, timed, yardstick
     from fedjax_bn.data import ClientArrays
 
     rows = []
@@ -255,7 +255,7 @@ def jax_process(workload: Path, rounds: int, cache: Path, flags: str) -> dict[st
     env = os.environ | {"FEDJAX_BN_COMPILATION_CACHE": str(cache)}
     if flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-    args = [sys.executable, "-m", "experiments.startup", "--child", str(workload)]
+    args = [sys.executable, "-m", "benchmarks.startup", "--child", str(workload)]
     start, _, res = spawn(args + ["--rounds", str(rounds)], env)
     res["whole_s"] = res["end"] - start
     res["ratio"] = res["whole_s"] / (rounds * res["steps_per_round"] * res["step_s"])
@@ -325,7 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def step_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
     """Plain step per case: JAX default flags, JAX + XNNPACK, torch (when given)."""
     rows: dict[str, dict[str, Any]] = {}
-    args = [sys.executable, "-m", "experiments.startup", "--step-child"]
+    args = [sys.executable, "-m", "benchmarks.startup", "--step-child"]
     for label, flags in (("jax_ms", ""), ("jax_xnnpack_ms", XNNPACK)):
         env = os.environ | {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
         for r in spawn(args, env)[2]:

@@ -3,8 +3,8 @@
 Run one command per host (same arguments, its own ``--process_id``); process 0's host also
 runs the coordinator at ``--coordinator``:
 
-    python -m experiments.multihost --coordinator=HOST0:8476 --num_processes=2 --process_id=0
-    python -m experiments.multihost --coordinator=HOST0:8476 --num_processes=2 --process_id=1
+    python -m benchmarks.multihost --coordinator=HOST0:8476 --num_processes=2 --process_id=0
+    python -m benchmarks.multihost --coordinator=HOST0:8476 --num_processes=2 --process_id=1
 
 (``--cpu`` forces the CPU backend, as the test does on one machine with ``127.0.0.1``.)
 

@@ -1,12 +1,12 @@
-"""The PyTorch side of ``experiments/startup.py``: a plain torch loop on the same workload.
+"""The PyTorch side of ``benchmarks/startup.py``: a plain torch loop on the same workload.
 
 Runs in an environment of its own (torch is not a project dependency; it imports neither jax
 nor fedjax_bn), e.g.::
 
     python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch numpy
-    /tmp/torchvenv/bin/python experiments/torch_reference.py steps --cases '[["m", [8, 8, 1],
+    /tmp/torchvenv/bin/python benchmarks/torch_reference.py steps --cases '[["m", [8, 8, 1],
         [32, 64], 128, 10]]'
-    /tmp/torchvenv/bin/python experiments/torch_reference.py workload --data W.npz --rounds 30
+    /tmp/torchvenv/bin/python benchmarks/torch_reference.py workload --data W.npz --rounds 30
 
 ``steps`` times one plain train step (forward, cross-entropy, backward, Adam with coupled
 weight decay) of the given models (``startup.py`` passes its ``STEP_CASES``, timed in JAX too).
@@ -145,7 +145,7 @@ def main() -> None:
         out["steps"] = time_steps(json.loads(a.cases), a.repeats, a.steps, a.batch)
     else:
         if not a.data:
-            p.error("workload needs --data (the .npz written by experiments/startup.py)")
+            p.error("workload needs --data (the .npz written by benchmarks/startup.py)")
         out = fedavg_workload(a.data, a.rounds, a.batch, a.seed)
     print(json.dumps(out))
 

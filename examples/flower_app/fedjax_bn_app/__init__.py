@@ -1,0 +1,1 @@
+"""A fedjax_bn algorithm as a Flower App (``docs/deploy.md``)."""

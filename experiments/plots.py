@@ -1,0 +1,250 @@
+"""The plots of a run's history: accuracy, BN divergence and task metrics per setting, one curve
+per algorithm (mean and spread over seeds)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from experiments.history import Row, metric_columns, source_notes, source_tag  # noqa: E402
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing, NaN or infinite."""
+    if value is None:
+        return None
+    x = float(value)
+    return x if math.isfinite(x) else None
+
+
+def _curves(rows: Sequence[Row], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(round, mean, std) over seeds of ``key`` at the rounds where it was recorded."""
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        if (v := _finite(r.get(key))) is not None:
+            by_round[r["round"]].append(v)
+    if not by_round:
+        return None
+    rounds = np.array(sorted(by_round))
+    vals = [by_round[k] for k in rounds]
+    return rounds, np.array([np.mean(v) for v in vals]), np.array([np.std(v) for v in vals])
+
+
+class Panel(NamedTuple):
+    """One subplot: the row ``key`` it draws, its title and y label, and how."""
+
+    key: str
+    title: str
+    ylabel: str
+    log: bool = False
+    missing: str = "no data"  # why an algorithm has no curve here
+    tagged: bool = False  # label curves with the statistics they come from (bn_div_source)
+    share: str = ""  # panels of one figure with the same share name get one y range
+
+
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _style(i: int) -> dict[str, Any]:
+    """Algorithm ``i``'s look in every panel: a color, line style and hollow marker of its own;
+    earlier algorithms are drawn wider and below, so a curve under another still shows."""
+    color = f"C{i % 10}"
+    return {
+        "color": color,
+        "linestyle": LINESTYLES[i % len(LINESTYLES)],
+        "marker": MARKERS[i % len(MARKERS)],
+        "linewidth": max(3.0 - 0.6 * i, 1.2),
+        "markersize": max(9.0 - 1.2 * i, 4.0),
+        "markerfacecolor": "none",
+        "markeredgecolor": color,
+        "zorder": 3 + i,
+    }
+
+
+def _markevery(n: int, i: int, count: int) -> tuple[int, int]:
+    """About 8 markers per curve, algorithm ``i`` of ``count`` on rounds no other one marks;
+    every point when the curve is too short for that (then nested marker sizes tell them apart)."""
+    if n < 2 * count:
+        return 0, 1
+    step = max(count, math.ceil(n / 8))
+    return i % step, step
+
+
+def _label(alg: str, rows: Sequence[Row], panel: Panel) -> str:
+    """``'fedavg [probe] (mean ± std over 3 seeds)'``."""
+    tag = source_tag(_sources(rows)) if panel.tagged else ""
+    seeds = len({r["seed"] for r in rows if _finite(r.get(panel.key)) is not None})
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
+    return f"{alg}{' ' + tag if tag else ''} ({spread})"
+
+
+def _sources(rows: Sequence[Row]) -> str | None:
+    """The distinct ``bn_div_source`` values of ``rows``, joined with '/' (None if none)."""
+    found = dict.fromkeys(r["bn_div_source"] for r in rows if r.get("bn_div_source"))
+    return "/".join(found) or None
+
+
+def _draw(ax: Any, i: int, count: int, curve: tuple[np.ndarray, ...], label: str) -> Any:
+    """One algorithm's mean line with its seed band; the legend handle for both."""
+    x, mean, std = curve
+    style = _style(i)
+    (line,) = ax.plot(x, mean, markevery=_markevery(len(x), i, count), label=label, **style)
+    if not np.any(std > 0):
+        return line
+    band = ax.fill_between(
+        x, mean - std, mean + std, color=style["color"], alpha=0.15, linewidth=0, zorder=2
+    )
+    return (band, line)
+
+
+def _panel(ax: Any, rows_by_alg: dict[str, list[Row]], panel: Panel) -> bool:
+    """Draw ``panel`` on ``ax``; the legend lists only what is drawn. Returns whether any was."""
+    handles, labels, missing, means = [], [], [], []
+    for i, (alg, rows) in enumerate(rows_by_alg.items()):
+        curve = _curves(rows, panel.key)
+        if curve is None:
+            missing.append(alg)
+            continue
+        means += list(curve[1])
+        label = _label(alg, rows, panel)
+        handles.append(_draw(ax, i, len(rows_by_alg), curve, label))
+        labels.append(label)
+    title = panel.title
+    if handles and missing:
+        title += f"\n({panel.missing}: {', '.join(missing)})"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("round")
+    ax.set_ylabel(panel.ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if not handles:
+        ax.text(0.5, 0.5, panel.missing, ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return False
+    ax.legend(
+        handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False
+    )
+    values = [v for rs in rows_by_alg.values() for r in rs if (v := _finite(r.get(panel.key)))]
+    if panel.log and values and min(values) > 0:
+        ax.set_yscale("log")
+        bottom, top = ax.get_ylim()  # a band reaching towards 0 must not squash the curves
+        ax.set_ylim(max(bottom, min(means) / 4), top)
+    return True
+
+
+def _share_y(axes: Sequence[Any], panels: Sequence[Panel], drawn: Sequence[bool]) -> None:
+    """One y range for the drawn panels of each ``share`` group."""
+    groups: dict[str, list[Any]] = defaultdict(list)
+    for ax, panel, ok in zip(axes, panels, drawn, strict=True):
+        if panel.share and ok:
+            groups[panel.share].append(ax)
+    for group in groups.values():
+        if len({ax.get_yscale() for ax in group}) > 1:  # a log and a linear panel: leave them
+            continue
+        lows, highs = zip(*(ax.get_ylim() for ax in group), strict=True)
+        for ax in group:
+            ax.set_ylim(min(lows), max(highs))
+
+
+ACCURACY_PANELS = (
+    Panel(
+        "global_acc",
+        "global model, pooled test set",
+        "accuracy",
+        missing="no global model",
+        share="acc",
+    ),
+    Panel("client_acc", "mean per-client accuracy (local BN)", "accuracy", share="acc"),
+)
+DIVERGENCE_PANELS = (
+    Panel(
+        "bn_div",
+        "clients' BN statistics [source]",
+        "divergence (mean pairwise W2²)",
+        True,
+        tagged=True,
+        share="w2",
+    ),
+    Panel(
+        "probe_div",
+        "probe-batch feature statistics",
+        "divergence (mean pairwise W2²)",
+        True,
+        share="w2",
+    ),
+    Panel(
+        "affine_div",
+        "local BN scale/bias",
+        "divergence (mean pairwise squared L2)",
+        True,
+        missing="BN scale/bias not local",
+    ),
+)
+
+
+def _figure(
+    path: Path, title: str, rows_by_alg: dict[str, list[Row]], panels: Sequence[Panel]
+) -> Path:
+    """One row of ``panels`` saved to ``path``; a footnote explains the statistics tags."""
+    height = 4.0 + 0.22 * len(rows_by_alg)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels), height), squeeze=False, layout="constrained"
+    )
+    drawn = [_panel(ax, rows_by_alg, p) for ax, p in zip(axes[0], panels, strict=True)]
+    _share_y(axes[0], panels, drawn)
+    fig.suptitle(title)
+    if any(p.tagged for p in panels):
+        rows = [r for rs in rows_by_alg.values() for r in rs]
+        notes = source_notes(r.get("bn_div_source") for r in rows)
+        fig.supxlabel("clients' BN statistics: " + ";  ".join(notes), fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def metric_panels(rows_by_alg: dict[str, list[Row]]) -> tuple[Panel, ...]:
+    """One panel per task-metric column (``train_<name>``, ``global_<name>``) with values."""
+    rows = [r for rs in rows_by_alg.values() for r in rs]
+    keys = [k for k in metric_columns(rows) if any(r.get(k) is not None for r in rows)]
+    return tuple(
+        Panel(k, k.replace("_", " ", 1), k.split("_", 1)[1], missing="not evaluated") for k in keys
+    )
+
+
+def plot_setting(out_dir: Path, setting: str, rows_by_alg: dict[str, list[Row]]) -> list[Path]:
+    """accuracy_<setting>.png and bn_divergence_<setting>.png, and metrics_<setting>.png when
+    the task has metrics besides accuracy; returns their paths."""
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    extra = metric_panels(rows_by_alg)
+    if extra:
+        title = f"{setting}: task metrics vs round"
+        metrics = [_figure(plots / f"metrics_{setting}.png", title, rows_by_alg, extra)]
+    else:
+        metrics = []
+    return metrics + [
+        _figure(
+            plots / f"accuracy_{setting}.png",
+            f"{setting}: accuracy vs round",
+            rows_by_alg,
+            ACCURACY_PANELS,
+        ),
+        _figure(
+            plots / f"bn_divergence_{setting}.png",
+            f"{setting}: BN divergence between clients vs round",
+            rows_by_alg,
+            DIVERGENCE_PANELS,
+        ),
+    ]
