@@ -9,7 +9,7 @@ import jax
 import pytest
 from test_runner import tiny_argv
 
-from experiments import history, report, run, runner, sweep
+from experiments import history, privacy, report, run, runner, sweep, train
 from experiments.configs import base
 
 COMPILES: list[float] = []
@@ -114,3 +114,15 @@ def test_grid_table_has_a_row_per_point_and_a_column_per_algorithm() -> None:
     assert lines[2].split() == ["grid", "point", "fedavg", "fedbn"]
     assert lines[3].split() == ["lr=0.1", "0.500", "0.700", "(c)"]
     assert lines[4].split() == ["lr=0.2", "0.250", "n/a"]
+
+
+def test_dp_noise_points_get_their_own_epsilons() -> None:
+    """A swept noise multiplier is the state's value and the accountant's: more noise, less
+    epsilon; the build's own epsilons are not reused."""
+    config = base.get_config()
+    config.dp.enabled, config.rounds = True, 3
+    built = train.Run(None, None, None, None, None, 0, None, epsilons=[0.0, 0.0, 0.0])
+    low, high = (sweep.at_point(config, built, {"dp.noise_multiplier": z}) for z in (0.7, 2.0))
+    assert low.hyper == {"dp.noise_multiplier": 0.7} and high.hyper == {"dp.noise_multiplier": 2.0}
+    assert 0 < high.epsilons[-1] < low.epsilons[-1]
+    assert low.epsilons == privacy.epsilons(sweep.apply(config, {"dp.noise_multiplier": 0.7}), 3)
