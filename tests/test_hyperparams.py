@@ -189,3 +189,33 @@ def test_bad_values_are_refused() -> None:
         fb.with_hyperparams(state, {"mu": -1.0})
     with pytest.raises(ValueError, match="clip_norm must be > 0"):
         fb.with_hyperparams(state, {"clip_norm": 0.0})
+
+
+@pytest.mark.parametrize("which", ["fedrep_mu", "ditto_lr"])
+def test_personalized_algorithms_follow_the_state_values(which: str) -> None:
+    """FedRep's own client step takes the state's mu; Ditto's personal model (same client_tx)
+    the state's learning rate: a swept run equals the run built with the value."""
+
+    def build(lr: float, mu: float) -> fb.Algorithm:
+        tx = optax.inject_hyperparams(coupled_adam)(lr, 1e-4)
+        if which == "fedrep_mu":
+            return fb.fedrep(CounterModel(), tx, head=("Dense_1",), head_steps=1, mu=mu)
+        return fb.ditto(CounterModel(), tx, lam=0.1)
+
+    name, (first, second) = {
+        "fedrep_mu": ("mu", (MUS[0], MUS[2])),
+        "ditto_lr": ("client.learning_rate", (LRS[0], LRS[2])),
+    }[which]
+    args = (LRS[0], second) if name == "mu" else (second, MUS[0])
+    alg = build(LRS[0], first)
+    start = alg.init(jax.random.key(0), sample_x(), len(SIZES))
+    round_fn = fb.make_round(alg, executor="vmap", batch_size=4)
+    swept, _ = run(alg, fb.with_hyperparams(start, {name: second}), round_fn)
+    const = build(*args)
+    ref, _ = run(
+        const,
+        const.init(jax.random.key(0), sample_x(), len(SIZES)),
+        fb.make_round(const, executor="vmap", batch_size=4),
+    )
+    assert_trees_equal(swept.server, ref.server)
+    assert_trees_equal(swept.clients, ref.clients)
