@@ -33,11 +33,12 @@ from fedjax_bn.evaluate import (
     evaluate_model,
     global_variables,
 )
-from fedjax_bn.execution import client_update, make_round
+from fedjax_bn.execution import RoundOptions, RoundResult, client_update, make_round
 from fedjax_bn.hyper import hyperparams, with_hyperparams
 from fedjax_bn.models import DigitModel, SeedCNN
 from fedjax_bn.policy import AllBut, bn_param_mask, merge, partition, pool_batch_stats
 from fedjax_bn.resnet import ResNet, ResNet18
+from fedjax_bn.runs import stack_runs, unstack_run, vmap_runs
 from fedjax_bn.task import Task, make_task
 
 
@@ -64,6 +65,8 @@ __all__ = [
     "NnxCNN",
     "ResNet",
     "ResNet18",
+    "RoundOptions",
+    "RoundResult",
     "SeedCNN",
     "Task",
     "ServerState",
@@ -100,7 +103,10 @@ __all__ = [
     "pooled_moments",
     "scaffold",
     "silobn",
+    "stack_runs",
     "train_step",
+    "unstack_run",
+    "vmap_runs",
     "weighted_mean",
     "with_hyperparams",
 ]

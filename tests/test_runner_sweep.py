@@ -41,7 +41,7 @@ def test_grid_points_are_the_product_in_config_order() -> None:
 
 def test_sweep_runs_every_point_without_compiling_again(tmp_path, monkeypatch, capsys) -> None:
     compiled_per_run: list[int] = []
-    train_run = runner.train_run
+    train_run = train.train_run
 
     def counted(*args, **kw):
         before = len(COMPILES)
@@ -49,7 +49,7 @@ def test_sweep_runs_every_point_without_compiling_again(tmp_path, monkeypatch, c
         compiled_per_run.append(len(COMPILES) - before)
         return rows
 
-    monkeypatch.setattr(runner, "train_run", counted)
+    monkeypatch.setattr(train, "train_run", counted)
     out = tmp_path / "out"
     argv = tiny_argv(
         out,

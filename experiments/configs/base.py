@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.adapt_bn = False  # also evaluate never-trained and held-out clients after AdaBN
     c.budget_min_steps = 0  # stragglers: local steps drawn per client and round from
     c.budget_max_steps = 0  # [budget_min_steps, budget_max_steps]; 0: no budget
+    # Seeds of one setting and algorithm trained as one batched federation (fb.vmap_runs),
+    # this many at a time; 1: one run at a time. No cohorts, DP or budgets with > 1.
+    c.parallel_runs = 1
     c.checkpoint_every = 5  # save the run state (orbax) every this many rounds, and at the end
     c.keep_checkpoints = 2  # how many of a run's latest checkpoints are kept
     c.progress = True  # tqdm bar per run
