@@ -236,11 +236,29 @@ def nnx_rngs(seed: int) -> Any:
 # The models with a `norm` field (config.model.norm; fedavg_group and fedavg_ws switch it).
 NORM_MODELS: tuple[str, ...] = ("digit_model", "seed_cnn")
 
+
+def coupled_adam(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+    """Coupled L2 (torch's ``Adam(weight_decay=)``): decay joins the gradient before Adam
+    scales it."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+
+
+def coupled_sgd(
+    learning_rate: float, weight_decay: float, momentum: float | None
+) -> optax.GradientTransformation:
+    """SGD (with heavy-ball ``momentum`` unless None) on the gradient plus ``weight_decay * w``."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum)
+    )
+
+
+# The learning rate, weight decay and momentum are data in the optimizer state
+# (optax.inject_hyperparams, fedjax_bn/hyper.py): a sweep over them reuses the compiled programs.
+# Momentum 0 is no momentum at all (None, a different program), as in torch.
 OPTIMIZERS: dict[str, Callable[[Config], optax.GradientTransformation]] = {
-    # Coupled L2 (torch's Adam(weight_decay=)): decay joins the gradient before Adam scales it.
-    "adam": lambda o: optax.chain(optax.add_decayed_weights(o.weight_decay), optax.adam(o.lr)),
-    "sgd": lambda o: optax.chain(
-        optax.add_decayed_weights(o.weight_decay), optax.sgd(o.lr, momentum=o.momentum or None)
+    "adam": lambda o: optax.inject_hyperparams(coupled_adam)(o.lr, o.weight_decay),
+    "sgd": lambda o: optax.inject_hyperparams(coupled_sgd)(
+        o.lr, o.weight_decay, o.momentum or None
     ),
 }
 

@@ -106,6 +106,38 @@ def format_table(setting: str, per_alg: dict[str, dict[str, Any]]) -> str:
     return "\n".join([title, "-" * len(lines[0]), *lines, *notes])
 
 
+def _accuracy(stats: dict[str, Any]) -> str:
+    """The final global accuracy, else (no global model) the mean client accuracy, marked."""
+    glob = stats.get("global_acc", mean_std(()))
+    if glob["mean"] is not None:
+        return _cell(glob, ".3f")
+    client = _cell(stats.get("client_acc", mean_std(())), ".3f")
+    return client if client == "n/a" else f"{client} (c)"
+
+
+def format_grids(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """One table per swept setting (labels ``<setting>@<point>``, ``experiments/sweep.py``):
+    a row per grid point, a column per algorithm, the final accuracy."""
+    grids: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for label, per_alg in results.items():
+        setting, at, point = label.partition("@")
+        if at:
+            grids[setting][point] = per_alg
+    tables = []
+    for setting, by_point in grids.items():
+        algs = list(dict.fromkeys(a for per_alg in by_point.values() for a in per_alg))
+        body = [
+            [point, *(_accuracy(per_alg[a]) if a in per_alg else "n/a" for a in algs)]
+            for point, per_alg in by_point.items()
+        ]
+        rows = [["grid point", *algs], *body]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        title = f"{setting} sweep: final global accuracy ((c): mean client accuracy)"
+        tables.append("\n".join([title, "-" * len(lines[0]), *lines]))
+    return tables
+
+
 def collect(dirs: Sequence[Path]) -> tuple[list[Row], list[Row]]:
     """(run summaries, all rows) from every ``history/*.jsonl`` under ``dirs``; a run is
     ``complete`` when it reached its directory's ``config.json`` rounds."""
@@ -139,6 +171,8 @@ def rebuild(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
     for setting, per_alg in results.items():
         print("\n" + format_table(setting, per_alg))
         plots.plot_setting(out, setting, by_setting[setting])
+    for table in format_grids(results):
+        print("\n" + table)
     for run in runs:
         state = "complete" if run["complete"] else "INCOMPLETE"
         name = f"{run['setting']} {run['algorithm']} seed={run['seed']}"

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 import fedjax_bn as fb
-from experiments import parallel, plots, privacy, registry, report, train
+from experiments import parallel, plots, privacy, registry, report, sweep, train
 from experiments.configs import base
 from experiments.train import Seeds, derive_seeds, train_run  # noqa: F401  (re-exported)
 from fedjax_bn.execution import EXECUTORS
@@ -215,6 +215,11 @@ def validate(config: Config) -> Config:
         privacy.check(config)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    for point in sweep.points(config):  # every point's values in their fields' bounds
+        try:
+            check_numbers(sweep.apply(config, point))
+        except ConfigError as e:
+            raise ConfigError(f"config.sweep: {e}") from None
     registry.lookup(registry.MODELS, config.model.name, "model")
     registry.lookup(registry.OPTIMIZERS, config.optim.name, "optimizer")
     registry.lookup(dict.fromkeys(EXECUTORS), config.executor, "executor")
@@ -279,6 +284,8 @@ def finish(out: Path, config: Config, runs: list[report.Row], rows: list[report.
     for setting, per_alg in results.items():
         print("\n" + report.format_table(setting, per_alg))
         figures += plots.plot_setting(out, setting, by_setting[setting])
+    for table in report.format_grids(results):  # a sweep: one table over its points
+        print("\n" + table)
     print(f"\nPlots: {', '.join(str(p.relative_to(out)) for p in figures)}")
     print(f"Results in {out}")
     return summary
@@ -295,13 +302,17 @@ def run_experiment(config: Config, *, resume: bool = False, overwrite: bool = Fa
     results are summarized, then KeyboardInterrupt propagates.
     """
     config = validate(config)
-    runs_to_train = {  # every run built (and so checked) before anything is written
-        (setting, seed, alg_name): train.build_run(config, data, alg_name, seed)
-        for setting in config.settings
-        for seed in config.seeds
-        for data in [registry.build_setting(setting, config, derive_seeds(seed).data)]
-        for alg_name in config.algorithms
-    }
+    grid = sweep.points(config)  # [{}] without a sweep
+    runs_to_train = {}  # every run built (and so checked) before anything is written
+    for setting in config.settings:
+        for seed in config.seeds:
+            data = registry.build_setting(setting, config, derive_seeds(seed).data)
+            for alg_name in config.algorithms:
+                built = train.build_run(config, data, alg_name, seed)  # once for the grid
+                sweep.check_run(alg_name, built, grid[0])
+                for point in grid:
+                    key = (sweep.label(setting, point), seed, alg_name)
+                    runs_to_train[key] = sweep.at_point(config, built, point)
     out = prepare_out_dir(config, resume=resume, overwrite=overwrite)
     config.out_dir = str(out)
     enable_compilation_cache(config.compilation_cache)

@@ -56,6 +56,7 @@ class Run(NamedTuple):
     seed: int  # the experiment seed
     seeds: Seeds  # derived from it
     epsilons: Any = None  # DP runs: epsilon after each round (privacy.epsilons), else None
+    hyper: Any = None  # a sweep point's values for the initial state (experiments/sweep.py)
 
 
 def cohort_sampler(config: Config, num_clients: int) -> Any:
@@ -194,6 +195,8 @@ def open_run(
     state = run.alg.init(
         jax.random.key(run.seeds.init), run.data.train.sample_x(), run.data.num_clients
     )
+    if run.hyper:  # a sweep point: its values are data, the compiled programs stay
+        state = fb.with_hyperparams(state, run.hyper)
     key = jax.random.key(run.seeds.shuffle)
     probe = monitor.probe_batches(run.data.train, config.monitor.probe_size)  # (x, mask)
     if run.alg.policy != "fedavg" and not model_parts(state).local:

@@ -34,6 +34,7 @@ from fedjax_bn.evaluate import (
     global_variables,
 )
 from fedjax_bn.execution import RoundOptions, RoundResult, client_update, make_round
+from fedjax_bn.hyper import hyperparams, with_hyperparams
 from fedjax_bn.models import DigitModel, SeedCNN
 from fedjax_bn.policy import AllBut, bn_param_mask, merge, partition, pool_batch_stats
 from fedjax_bn.resnet import ResNet, ResNet18
@@ -91,6 +92,7 @@ __all__ = [
     "fedyogi",
     "fixbn",
     "global_variables",
+    "hyperparams",
     "lg_fedavg",
     "make_algorithm",
     "make_round",
@@ -106,4 +108,5 @@ __all__ = [
     "unstack_run",
     "vmap_runs",
     "weighted_mean",
+    "with_hyperparams",
 ]

@@ -141,10 +141,12 @@ def loss_fn(
     rest: Variables,
     anchor: Variables | None,
     batch: Batch,
+    mu: Array | None = None,
 ) -> tuple[Array, tuple[Variables, Array, dict[str, Array]]]:
     """Mean loss (+ FedProx term) and the new non-param collections, in the requested BN mode.
 
     ``batch.mask=None`` is a full batch: BN skips its (measurably slower) masked statistics.
+    ``mu``: FedProx's weight as data (None: ``spec.mu``); the term exists only if ``spec.mu``.
     """
     task = spec.task
     model_key, augment_key = step_keys(batch.key)
@@ -160,7 +162,7 @@ def loss_fn(
     loss_sum, metric_sums = batch_sums(task, outputs, batch.y, batch.mask)
     loss = loss_sum / jnp.maximum(num_real(batch.y, batch.mask), 1)
     if spec.mu and anchor is not None:
-        loss = loss + spec.mu * prox_term({"params": params}, anchor)
+        loss = loss + (spec.mu if mu is None else mu) * prox_term({"params": params}, anchor)
     return loss, (rest, loss_sum, metric_sums)
 
 
@@ -200,6 +202,7 @@ def train_step(
     batch: Batch,
     correction: Variables | None = None,
     frozen: dict[Any, Array] | None = None,
+    mu: Array | None = None,
 ) -> LocalState:
     """One optimizer step on a partially masked batch; a fully masked batch is a no-op.
 
@@ -208,12 +211,12 @@ def train_step(
     (None without a proximal term); ``correction``: added to the shared parameters' gradient.
     ``frozen``: ``{variables path: bool scalar}`` (FedRep's phases); a frozen ``params`` leaf
     gets a zero gradient and a zero update, a frozen leaf of another collection (BN running
-    statistics) keeps its value.
+    statistics) keeps its value. ``mu``: FedProx's weight as data (None: ``spec.mu``).
     """
     params = state.variables["params"]
     rest = {k: v for k, v in state.variables.items() if k != "params"}
     grads, (new_rest, loss_sum, metric_sums) = jax.grad(
-        lambda p: loss_fn(spec, p, rest, anchor, batch), has_aux=True
+        lambda p: loss_fn(spec, p, rest, anchor, batch, mu), has_aux=True
     )(params)
     if correction:
         grads = add_correction(grads, correction)

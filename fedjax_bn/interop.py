@@ -20,7 +20,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -74,8 +73,9 @@ def _flat_channels(path: Path, in_features: int, act: tuple[int, ...]) -> int:
     return channels
 
 
-def _probe(model: nn.Module, sample_x: Any, *, materialize: bool) -> tuple[Any, list[_Layer]]:
-    """The model's variables (initialized, or only shapes) and its layers in call order."""
+def _probe(model: nn.Module, sample_x: Any) -> tuple[Any, list[_Layer]]:
+    """The model's variables as shapes (``jax.eval_shape``: nothing runs or compiles) and its
+    layers in call order."""
     events: list[tuple[str, Path, tuple[int, ...] | None]] = []
 
     def record(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
@@ -98,8 +98,7 @@ def _probe(model: nn.Module, sample_x: Any, *, materialize: bool) -> tuple[Any, 
         with nn.intercept_methods(record):
             return as_task(model).init(key, sample_x)
 
-    key = jax.random.key(0)
-    variables = init(key) if materialize else jax.eval_shape(init, key)
+    variables = jax.eval_shape(lambda: init(jax.random.key(0)))  # the key too: no program
     direct: dict[Path, dict[tuple[str, str], Any]] = {}
     for (col, *path, leaf), value in traverse_util.flatten_dict(dict(variables)).items():
         if col in ("params", "batch_stats"):
@@ -217,9 +216,11 @@ def from_torch(model: nn.Module, state_dict_arrays: Mapping[str, Any], *, sample
 
     Leaves the torch dict does not cover (e.g. other collections) keep their ``init`` values;
     ``num_batches_tracked`` counters are dropped. Values take the Flax leaves' dtype (float32).
+    The layers and shapes come from ``jax.eval_shape``; the model is initialized (one jitted
+    init) only when some leaf is left to fill, so a full torch dict costs no compilation.
     """
-    variables, layers = _probe(model, sample_x, materialize=True)
-    flat = traverse_util.flatten_dict(dict(variables))
+    shapes, layers = _probe(model, sample_x)
+    flat: dict[Any, Any] = {}
     for dot, group, layer, names in _match(_torch_layers(state_dict_arrays), layers):
         for suffix, (col, leaf_name) in names.items():
             leaf = layer.leaves[(col, leaf_name)]
@@ -231,8 +232,19 @@ def from_torch(model: nn.Module, state_dict_arrays: Mapping[str, Any], *, sample
                     f"(flax {layer.name}/{leaf_name} of shape {tuple(leaf.shape)})"
                 )
             converted = _convert(layer, suffix, value, to_flax=True).astype(leaf.dtype)
-            flat[(col, *layer.path, leaf_name)] = jnp.asarray(converted)
-    return traverse_util.unflatten_dict(flat)
+            flat[(col, *layer.path, leaf_name)] = jax.device_put(converted)  # jnp.asarray compiles
+    return traverse_util.unflatten_dict(_fill(model, sample_x, shapes, flat))
+
+
+def _fill(model: nn.Module, sample_x: Any, shapes: Any, flat: dict[Any, Any]) -> dict[Any, Any]:
+    """``flat`` completed with ``init`` values for the leaves of ``shapes`` it lacks, from one
+    jitted init (not op by op); no init at all when the torch dict covered every leaf."""
+    missing = [k for k in traverse_util.flatten_dict(dict(shapes)) if k not in flat]
+    if not missing:
+        return flat
+    init = jax.jit(as_task(model).init)(jax.random.key(0), sample_x)
+    full = traverse_util.flatten_dict(dict(init))
+    return {**{k: full[k] for k in missing}, **flat}
 
 
 def to_torch(
@@ -248,7 +260,7 @@ def to_torch(
     shapes, checked against the output; its ``num_batches_tracked`` keys become int64 zeros), or
     are ``"{i}.weight"``-style by layer index when it is None.
     """
-    _, layers = _probe(model, sample_x, materialize=False)
+    _, layers = _probe(model, sample_x)
     flat = traverse_util.flatten_dict(dict(variables))
 
     def torch_value(layer: _Layer, suffix: str, col: str, leaf_name: str) -> np.ndarray:

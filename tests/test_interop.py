@@ -266,3 +266,40 @@ def test_missing_and_unknown_keys_are_named(seed_sd: dict[str, np.ndarray]) -> N
         convert({k: v for k, v in seed_sd.items() if k != "features.1.running_var"})
     with pytest.raises(ValueError, match=r"torch key 'features\.0\.weight_g' has no flax"):
         convert({**seed_sd, "features.0.weight_g": np.zeros((4, 1, 1, 1), np.float32)})
+
+
+COMPILES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, d, **_: (
+        COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+)
+
+
+def test_full_state_dict_compiles_nothing() -> None:
+    """Shapes come from jax.eval_shape and every leaf from the dict: no program compiles."""
+    model, x = seed_model(), np.zeros((1, 6, 6, 2), np.float32)
+    sd = make_state_dict(seed_spec(2, 6, 6), 3)
+    before = len(COMPILES)
+    from_torch(model, sd, sample_x=x)
+    assert len(COMPILES) == before
+
+
+class WithCounter(nn.Module):
+    """A Dense layer and a variable of another collection, which torch's dict does not hold."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        self.variable("counters", "calls", lambda: jnp.full((), 3.0))
+        return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+def test_leaves_the_dict_lacks_keep_their_init_values() -> None:
+    sd = {
+        "0.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "0.bias": np.ones(3, np.float32),
+    }
+    variables = from_torch(WithCounter(), sd, sample_x=np.zeros((1, 2, 2, 1), np.float32))
+    assert float(variables["counters"]["calls"]) == 3.0
+    np.testing.assert_array_equal(variables["params"]["Dense_0"]["kernel"], sd["0.weight"].T)
+    np.testing.assert_array_equal(variables["params"]["Dense_0"]["bias"], sd["0.bias"])

@@ -111,4 +111,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.dp.target_quantile = 0.0  # > 0: adaptive clipping toward this quantile of update norms
     c.dp.clip_learning_rate = 0.2  # adaptive clipping's geometric step
     c.dp.accountant = "rdp"  # rdp | pld (dp_accounting)
+
+    # A grid in one process (experiments/sweep.py): each field lists values, e.g.
+    # --config.sweep.optim.lr=1e-4,5e-4,1e-3; '' is not swept. Every point is its own run,
+    # trained with the same compiled programs (the values are data in the state).
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.optim = ml_collections.ConfigDict()
+    c.sweep.optim.lr = ""  # client learning rates to sweep, e.g. 1e-4,5e-4,1e-3
+    c.sweep.optim.weight_decay = ""  # client weight decays to sweep
+    c.sweep.optim.momentum = ""  # sgd momenta to sweep (each > 0; optim.momentum > 0)
+    c.sweep.mu = ""  # FedProx mu values to sweep (prox algorithms, config.mu > 0)
+    c.sweep.clip_norm = ""  # update clip norms to sweep (config.clip_norm > 0)
+    c.sweep.server_lr = ""  # server learning rates to sweep (server optimizers; each > 0)
+    c.sweep.dp = ml_collections.ConfigDict()
+    c.sweep.dp.noise_multiplier = ""  # DP noise multipliers to sweep (fixed clip only)
+    c.sweep.dp.clip_norm = ""  # DP clip norms to sweep (dp.enabled)
     return c

@@ -37,6 +37,7 @@ its own NamedTuples; those holding a model carry ``shared`` and ``pooled`` (serv
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -102,10 +103,16 @@ def init_variables(model: Any, rng_or_variables: Any, sample_x: Any) -> Variable
         return given
     if getattr(task.adapter, "is_nnx", False):  # values already exist: nothing to compile
         return task.init(rng_or_variables, sample_x)
-    # One compiled program: an eager init would compile every layer's ops one by one (~45).
-    # jit(compiler_options=), not lower().compile(): callers trace alg.init too (eval_shape).
-    init = jax.jit(task.init, compiler_options=init_compiler_options())
-    return jax.tree.map(jnp.asarray, dict(init(rng_or_variables, sample_x)))
+    return jax.tree.map(jnp.asarray, dict(jitted_init(task)(rng_or_variables, sample_x)))
+
+
+@functools.lru_cache(maxsize=64)
+def jitted_init(task: Task) -> Any:
+    """``task.init`` as one compiled program (an eager init would compile every layer's ops
+    one by one, ~45), one jit per task so a second ``alg.init`` (another seed, a sweep's next
+    point) reuses it. ``jit(compiler_options=)``, not ``lower().compile()``: callers trace
+    ``alg.init`` too (``eval_shape``)."""
+    return jax.jit(task.init, compiler_options=init_compiler_options())
 
 
 def task_of(alg: Algorithm) -> Task:

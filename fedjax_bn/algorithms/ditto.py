@@ -28,6 +28,7 @@ from fedjax_bn import client as client_lib
 from fedjax_bn.algorithms.base import Algorithm, FedState
 from fedjax_bn.algorithms.fedavg import Carry, ClientState, make_algorithm
 from fedjax_bn.client import Batch, ClientMetrics, LocalState
+from fedjax_bn.hyper import inject
 from fedjax_bn.policy import merge
 from fedjax_bn.tree import Variables, repeat_clients, take_client
 
@@ -85,6 +86,9 @@ def ditto(
     def client_init(server: Any, client: DittoClient) -> DittoCarry:
         carry = base.client_init(server, ClientState(client.local, client.opt_state))
         personal = client_lib.init_state(pspec, client.personal, client.personal_opt)
+        hyper = getattr(server, "hyper", None) or {}
+        if personal_tx is None and "client" in hyper:  # one client_tx: one swept lr for both
+            personal = personal._replace(opt_state=inject(personal.opt_state, hyper["client"]))
         return DittoCarry(carry, personal, server.shared, client.rounds)
 
     def client_step(carry: DittoCarry, batch: Batch) -> DittoCarry:

@@ -28,6 +28,7 @@ from fedjax_bn.algorithms.base import (
     init_variables,
 )
 from fedjax_bn.client import Batch, ClientMetrics, LocalState, LocalTraining
+from fedjax_bn.hyper import algorithm_hyper, client_hyper, inject
 from fedjax_bn.policy import (
     BN_STATS,
     BnStats,
@@ -56,6 +57,7 @@ class ServerState(NamedTuple):
     shared: Variables
     pooled: Variables
     opt_state: Any = None  # server_tx state over the shared float leaves; None without one
+    hyper: Any = None  # mu, clip_norm, client optimizer values as data (fedjax_bn/hyper.py)
 
 
 class ClientState(NamedTuple):
@@ -75,10 +77,12 @@ class Message(NamedTuple):
 
 
 class Carry(NamedTuple):
-    """A client mid-round: its local training state and the FedProx anchor (None if mu=0)."""
+    """A client mid-round: its local training state, the FedProx anchor (None if mu=0) and
+    ``mu`` as data (None: the algorithm's constant)."""
 
     local: LocalState
     anchor: Variables | None
+    mu: Array | None = None
 
 
 def server_tx_init(server_tx: optax.GradientTransformation | None, shared: Variables) -> Any:
@@ -204,17 +208,23 @@ def make_algorithm(
         variables = init_variables(task, rng_or_variables, sample_x)
         parts = partition(variables, policy, local)
         opt = client_tx.init(variables["params"]) if persist_client_optimizer else None
-        server = ServerState(parts.shared, parts.pooled, server_tx_init(server_tx, parts.shared))
+        hyper = algorithm_hyper(mu, clip_norm, client_hyper(client_tx, variables["params"]))
+        server = ServerState(
+            parts.shared, parts.pooled, server_tx_init(server_tx, parts.shared), hyper
+        )
         clients = repeat_clients(ClientState(parts.local, opt), num_clients)
         return FedState(server, clients, jnp.zeros((), jnp.int32))
 
     def client_init(server: ServerState, client: ClientState) -> Carry:
         variables = merge(server.shared, server.pooled, client.local)
         local = client_lib.init_state(spec, variables, client.opt_state)
-        return Carry(local, server.shared if mu else None)
+        hyper = server.hyper or {}
+        if "client" in hyper:  # the client optimizer's values as data, this round's
+            local = local._replace(opt_state=inject(local.opt_state, hyper["client"]))
+        return Carry(local, server.shared if mu else None, hyper.get("mu") if mu else None)
 
     def client_step(carry: Carry, batch: Batch) -> Carry:
-        local = client_lib.train_step(spec, carry.anchor, carry.local, batch)
+        local = client_lib.train_step(spec, carry.anchor, carry.local, batch, mu=carry.mu)
         return carry._replace(local=local)
 
     def client_final(carry: Carry) -> tuple[Message, ClientState, ClientMetrics]:
@@ -230,7 +240,8 @@ def make_algorithm(
         )
         shared_C = messages.shared
         if clip_norm is not None:
-            shared_C = clip_updates(shared_C, server.shared, clip_norm)
+            max_norm = (server.hyper or {}).get("clip_norm", clip_norm)
+            shared_C = clip_updates(shared_C, server.shared, max_norm)
         if aggregator is not None:
             mean = aggregate(aggregator, shared_C, weights_C, server.shared)
         elif normalize is None:
@@ -248,7 +259,7 @@ def make_algorithm(
             pooled = server.pooled and pool_batch_stats(
                 messages.pooled, weights_C, server.pooled, bn_stats
             )
-        return ServerState(shared, pooled, opt_state)
+        return server._replace(shared=shared, pooled=pooled, opt_state=opt_state)
 
     label = name or (policy if mu == 0 else f"{policy}+prox")
     alg = Algorithm(

@@ -76,7 +76,7 @@ def fedrep(
         in_head = state.steps < head_steps
         is_head = local_mask(state.variables, head)  # static: which leaves are the head
         frozen = {p: jnp.logical_not(in_head) if h else in_head for p, h in is_head.items()}
-        local = client_lib.train_step(spec, carry.anchor, state, batch, frozen=frozen)
+        local = client_lib.train_step(spec, carry.anchor, state, batch, frozen=frozen, mu=carry.mu)
         return carry._replace(local=local)
 
     return base._replace(client_step=client_step)

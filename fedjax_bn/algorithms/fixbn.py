@@ -175,7 +175,10 @@ def _fixbn_functions(
 
     def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
         state = base.init(rng_or_variables, sample_x, num_clients)
-        server = FixBNServer(*state.server, jnp.zeros((), jnp.int32))
+        base_server = state.server  # its hyper is dropped: FixBN's values stay constants
+        server = FixBNServer(
+            base_server.shared, base_server.pooled, base_server.opt_state, jnp.zeros((), jnp.int32)
+        )
         return FedState(server, state.clients, state.round)
 
     def client_init(server: Any, client: ClientState) -> FixBNCarry:

@@ -106,7 +106,11 @@ def scaffold(
     def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
         state = base.init(rng_or_variables, sample_x, num_clients)
         control = _control_like(state.server.shared)
-        server = ScaffoldServer(*state.server, control, jnp.asarray(num_clients, jnp.int32))
+        # FedAvg's hyper is dropped: the control variates use the client lr given here.
+        base_server, n = state.server, jnp.asarray(num_clients, jnp.int32)
+        server = ScaffoldServer(
+            base_server.shared, base_server.pooled, base_server.opt_state, control, n
+        )
         clients = ScaffoldClient(*state.clients, repeat_clients(control, num_clients))
         return FedState(server, clients, state.round)
 
@@ -156,7 +160,7 @@ def scaffold(
             return c + fraction * jnp.tensordot(per_client, d_C.astype(jnp.float32), axes=1)
 
         control = jax.tree.map(move, server.control, messages.delta_control)
-        return ScaffoldServer(*new, control, server.num_clients)
+        return ScaffoldServer(new.shared, new.pooled, new.opt_state, control, server.num_clients)
 
     return Algorithm(
         name, base.policy, model, init, client_init, client_step, client_final, server_update, spec

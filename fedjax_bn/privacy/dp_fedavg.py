@@ -51,12 +51,15 @@ class DPState(NamedTuple):
 
 
 class DPServer(NamedTuple):
-    """FedAvg's server state (global shared, pooled statistics, server optimizer) plus DP's."""
+    """FedAvg's server state (global shared, pooled statistics, server optimizer) plus DP's;
+    ``hyper``: FedAvg's hyperparameters as data, plus ``dp.noise_multiplier`` with a fixed
+    clip (``fedjax_bn/hyper.py``)."""
 
     shared: Variables
     pooled: Variables
     opt_state: Any
     dp: DPState
+    hyper: Any = None
 
 
 class DPCarry(NamedTuple):
@@ -138,7 +141,11 @@ def privatize(
         state = alg.init(rng_or_variables, sample_x, num_clients)
         s = state.server
         dp_state = DPState(jnp.asarray(dp.clip_norm, jnp.float32), jnp.zeros((), jnp.int32))
-        return state._replace(server=DPServer(s.shared, s.pooled, s.opt_state, dp_state))
+        hyper = dict(getattr(s, "hyper", None) or {})  # FixBN's server has none
+        if not dp.adaptive:  # adaptive: z's share for the update is a float64 constant
+            hyper["dp"] = {"noise_multiplier": jnp.asarray(dp.noise_multiplier, jnp.float32)}
+        server = DPServer(s.shared, s.pooled, s.opt_state, dp_state, hyper or None)
+        return state._replace(server=server)
 
     def client_init(server: DPServer, client: Any) -> DPCarry:
         start = unflatten(moments(merge(server.shared, server.pooled), how))
@@ -164,7 +171,10 @@ def privatize(
         noise_key, count_key = jax.random.split(
             jax.random.fold_in(jax.random.key(dp.seed), server.dp.round)
         )
-        std = dp.update_noise_multiplier(float(denominator)) * server.dp.clip
+        z = (server.hyper or {}).get("dp", {}).get("noise_multiplier")
+        if z is None:
+            z = dp.update_noise_multiplier(float(denominator))
+        std = z * server.dp.clip
         mean = noised_mean(flatten(messages.delta), mask_C, std, denominator, noise_key)
         start = moments(merge(server.shared, server.pooled), how)
         new = {p: start[p] + mean[p] for p in start}
@@ -178,7 +188,8 @@ def privatize(
             keep = is_frozen(server)
             pooled = jax.tree.map(lambda o, n: jnp.where(keep, o, n), server.pooled, pooled)
         clip = next_clip(dp, server.dp.clip, messages.below, mask_C, denominator, count_key)
-        return DPServer(shared, pooled, opt_state, DPState(clip, server.dp.round + 1))
+        dp_state = DPState(clip, server.dp.round + 1)
+        return DPServer(shared, pooled, opt_state, dp_state, server.hyper)
 
     return alg._replace(
         init=init,
