@@ -145,7 +145,7 @@ def test_each_phase_compiles_one_bn_mode_once() -> None:
     alg = fb.fixbn(MODEL, TX, fix_round=1)  # its own functions: nothing traced yet
     rnd = fb.make_round(alg, executor="sequential", batch_size=B)
     state = alg.init(jax.random.key(0), SAMPLE_X, C)
-    rnd.sizes(make_clients(0, SIZES, n_max=N_MAX))  # the label check's shape-only trace
+    rnd.stages.sizes(make_clients(0, SIZES, n_max=N_MAX))  # the label check's shape-only trace
     traces = [TRACES.copy()]
     for r in range(3):
         state, _ = rnd(state, make_clients(100 + r, SIZES, n_max=N_MAX), jax.random.key(r))
