@@ -317,7 +317,7 @@ def plot_dp_study(out: Path, runs: Sequence[Row], rows: Sequence[Row]) -> list[P
     """``dp_accuracy_vs_epsilon.png`` (final per-client accuracy of each algorithm against the
     run's target epsilon, no DP at the right) and ``dp_clip.png`` (adaptive clipping's clip per
     round, one panel per epsilon) of a DP study; every run summary and row carries its
-    ``target_epsilon`` (None without DP)."""
+    ``target_epsilon`` (None without DP). Runs that did not finish have no accuracy point."""
     out.mkdir(parents=True, exist_ok=True)
     algs = list(dict.fromkeys(r["algorithm"] for r in runs))
     eps = sorted({r["target_epsilon"] for r in runs if r["target_epsilon"] is not None})
@@ -325,7 +325,8 @@ def plot_dp_study(out: Path, runs: Sequence[Row], rows: Sequence[Row]) -> list[P
     for i, alg in enumerate(algs):
         pts: dict[float, list[float]] = defaultdict(list)
         for r in runs:
-            if r["algorithm"] == alg and (acc := _finite(r.get("client_acc"))) is not None:
+            acc = _finite(r.get("client_acc")) if r.get("complete", True) else None
+            if r["algorithm"] == alg and acc is not None:
                 e = r["target_epsilon"]
                 pts[_no_dp_x(eps) if e is None else e].append(acc)
         xs = sorted(pts)
