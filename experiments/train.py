@@ -56,6 +56,7 @@ class Run(NamedTuple):
     seed: int  # the experiment seed
     seeds: Seeds  # derived from it
     epsilons: Any = None  # DP runs: epsilon after each round (privacy.epsilons), else None
+    wire: Any = None  # bytes one client sends and receives a round (set by train_run)
 
 
 def cohort_sampler(config: Config, num_clients: int) -> Any:
@@ -183,7 +184,9 @@ def round_row(
 ) -> Row:
     """One round's history row from its result: training loss and metrics over the clients
     that were not quarantined (weighted by examples seen), the cohort, BN divergences; the
-    evaluation columns are None until :func:`evaluate_row` fills them."""
+    evaluation columns are None until :func:`evaluate_row` fills them. ``uplink_bytes``: what
+    the clients that trained sent; ``downlink_bytes``: the broadcast to the cohort
+    (``fedjax_bn/compress/wire.py``)."""
     ids = np.asarray(getattr(result, "clients", np.arange(len(result.loss))))
     div = run.measure(*monitor_view(state, *probe, ids, config))
     weights = result.num_seen * ~result.quarantined
@@ -206,6 +209,9 @@ def round_row(
     }
     for name, values in task_metrics(result.metrics).items():  # beyond accuracy
         row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
+    sent = int(np.sum(np.asarray(result.num_seen) > 0))  # clients that trained send a message
+    up, down = fb.compress.round_bytes(run.wire, sent, len(row["cohort"]))
+    row.update(uplink_bytes=up, downlink_bytes=down)
     return row
 
 
@@ -272,6 +278,7 @@ def train_run(
         jax.random.key(run.seeds.init), run.data.train.sample_x(), run.data.num_clients
     )
     key = jax.random.key(run.seeds.shuffle)
+    run = run._replace(wire=fb.compress.client_bytes(run.alg, state))  # from shapes
     probe = monitor.probe_batches(run.data.train, config.monitor.probe_size)  # (x, mask)
     if run.alg.policy != "fedavg" and not model_parts(state).local:
         print(

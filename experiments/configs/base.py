@@ -108,4 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.dp.target_quantile = 0.0  # > 0: adaptive clipping toward this quantile of update norms
     c.dp.clip_learning_rate = 0.2  # adaptive clipping's geometric step
     c.dp.accountant = "rdp"  # rdp | pld (dp_accounting)
+
+    # Compression of what clients send (fedjax_bn.compress, docs/robust_and_compression.md),
+    # for every algorithm; an algorithm named `fedavg+q4` gets its own spec instead.
+    c.compress = ml_collections.ConfigDict()
+    c.compress.spec = ""  # q<bits> | top<k> | stc<k>, optionally ef_-prefixed; "": none
+    c.compress.seed = 0  # stochastic quantization's keys: fold_in(PRNGKey(seed), client)
     return c

@@ -28,6 +28,8 @@ from fedjax_bn.algorithms.base import (
     init_variables,
 )
 from fedjax_bn.client import Batch, ClientMetrics, LocalState, LocalTraining
+from fedjax_bn.compress.client import compress_shared, init_states
+from fedjax_bn.compress.transforms import Compressor
 from fedjax_bn.policy import (
     BN_STATS,
     BnStats,
@@ -59,10 +61,12 @@ class ServerState(NamedTuple):
 
 
 class ClientState(NamedTuple):
-    """Per client (leading client axis): local leaves, persistent client optimizer state."""
+    """Per client (leading client axis): local leaves, persistent client optimizer state, the
+    compressor's state (a key, an error-feedback residual; None without ``compress``)."""
 
     local: Variables
     opt_state: Any = None  # None when every round starts a fresh client optimizer
+    compress: Any = None
 
 
 class Message(NamedTuple):
@@ -75,10 +79,13 @@ class Message(NamedTuple):
 
 
 class Carry(NamedTuple):
-    """A client mid-round: its local training state and the FedProx anchor (None if mu=0)."""
+    """A client mid-round: its local training state, the FedProx anchor (None if mu=0) and,
+    with ``compress``, the round's global shared leaves and the compressor's state."""
 
     local: LocalState
     anchor: Variables | None
+    start: Variables | None = None
+    compress: Any = None
 
 
 def server_tx_init(server_tx: optax.GradientTransformation | None, shared: Variables) -> Any:
@@ -151,6 +158,7 @@ def make_algorithm(
     augment: Augment | None = None,
     train_kw: str = "train",
     dp: Gaussian | None = None,
+    compress: Compressor | None = None,
 ) -> Algorithm:
     """Build an algorithm from a BN policy (``policy.py``) and local/server options.
 
@@ -185,6 +193,11 @@ def make_algorithm(
     ``fedavg`` the BN statistics travel inside the clipped, noised update; under ``fedbn`` and
     ``silobn`` they stay local (``fedjax_bn/privacy/dp_fedavg.py``, ``docs/privacy.md``).
     None (default): no DP, this function's algorithm exactly as without the option.
+
+    ``compress`` (``fedjax_bn.compress``, e.g. ``quantize(bits=4)`` or
+    ``error_feedback(top_k(0.01))``): each client's update of the shared float leaves is sent
+    compressed; its state (key, residual) stays in ``ClientState.compress`` between rounds.
+    BN statistics and integer leaves travel uncompressed. None: nothing compressed, as before.
     """
     check_policy(policy)
     check_dp(dp, clip_norm=clip_norm, normalize=normalize)
@@ -193,6 +206,7 @@ def make_algorithm(
             "dp and aggregator do not compose yet: DP-FedAvg's noise is calibrated to a clipped "
             "sum, not to a robust rule. Use one of them."
         )
+    check_compress(compress, dp)
     task = make_task(model, loss=loss, metrics=metrics, augment=augment, train_kw=train_kw)
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
@@ -210,13 +224,16 @@ def make_algorithm(
         parts = partition(variables, policy, local)
         opt = client_tx.init(variables["params"]) if persist_client_optimizer else None
         server = ServerState(parts.shared, parts.pooled, server_tx_init(server_tx, parts.shared))
-        clients = repeat_clients(ClientState(parts.local, opt), num_clients)
+        clients = repeat_clients(ClientState(local=parts.local, opt_state=opt), num_clients)
+        clients = clients._replace(compress=init_states(compress, parts.shared, num_clients))
         return FedState(server, clients, jnp.zeros((), jnp.int32))
 
     def client_init(server: ServerState, client: ClientState) -> Carry:
         variables = merge(server.shared, server.pooled, client.local)
         local = client_lib.init_state(spec, variables, client.opt_state)
-        return Carry(local, server.shared if mu else None)
+        if compress is None:
+            return Carry(local, server.shared if mu else None)
+        return Carry(local, server.shared if mu else None, server.shared, client.compress)
 
     def client_step(carry: Carry, batch: Batch) -> Carry:
         local = client_lib.train_step(spec, carry.anchor, carry.local, batch)
@@ -227,7 +244,12 @@ def make_algorithm(
         opt = carry.local.opt_state if persist_client_optimizer else None
         metrics = client_lib.metrics(carry.local)
         steps = carry.local.steps if normalize else None
-        return Message(parts.shared, parts.pooled, steps), ClientState(parts.local, opt), metrics
+        shared, state = parts.shared, None
+        if compress is not None:
+            sent = carry.local.steps > 0
+            shared, state = compress_shared(compress, carry.start, shared, carry.compress, sent)
+        client = ClientState(local=parts.local, opt_state=opt, compress=state)
+        return Message(shared, parts.pooled, steps), client, metrics
 
     def server_update(server: ServerState, messages: Message, weights_C: Array) -> ServerState:
         check_same_structure(
@@ -257,11 +279,36 @@ def make_algorithm(
 
     label = name or (policy if mu == 0 else f"{policy}+prox")
     alg = Algorithm(
-        label, policy, model, init, client_init, client_step, client_final, server_update, spec
+        label,
+        policy,
+        model,
+        init,
+        client_init,
+        client_step,
+        client_final,
+        server_update,
+        spec,
+        compress=compress,
     )
     if dp is None:
         return alg
     return privatize(alg, dp, server_step=functools.partial(server_step, server_tx), how=bn_stats)
+
+
+def check_compress(compress: Compressor | None, dp: Gaussian | None) -> None:
+    """One clear error for a ``compress`` that is not a Compressor or cannot compose."""
+    if compress is None:
+        return
+    if not isinstance(compress, Compressor):
+        raise ValueError(
+            f"compress must be a fedjax_bn.compress.Compressor (e.g. quantize(bits=4)), got "
+            f"{compress!r}."
+        )
+    if dp is not None:
+        raise ValueError(
+            "dp and compress do not compose yet: DP-FedAvg clips and noises the uncompressed "
+            "update. Use one of them."
+        )
 
 
 def check_dp(dp: Gaussian | None, *, clip_norm: float | None, normalize: str | None) -> None:
