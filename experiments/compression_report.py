@@ -79,8 +79,6 @@ def plot(runs: dict[str, list[list[Row]]], setting: str, path: Path) -> None:
         total = total_uplink(seeds) / MB
         acc = np.array([rows[-1]["global_acc"] for rows in seeds])
         right.errorbar(total.mean(), acc.mean(), yerr=acc.std(), capsize=3, label=alg, **style)
-        right.annotate(alg, (total.mean(), acc.mean()), fontsize=7, xytext=(4, 4),
-                       textcoords="offset points")  # fmt: skip
     for ax, title in ((left, "accuracy vs cumulative uplink"), (right, "final accuracy")):
         ax.set_xscale("log")
         ax.set_xlabel("uplink MB (all clients, log scale)")
@@ -88,6 +86,7 @@ def plot(runs: dict[str, list[list[Row]]], setting: str, path: Path) -> None:
         ax.set_title(f"{setting}: {title}")
         ax.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
+    right.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,7 +3,7 @@ docs/robust_and_compression.md).
 
 Digits with Dirichlet(0.5) label skew, 10 clients, FedAvg on the default model and optimizer
 (SeedCNN 32/64 + FC 128, Adam 5e-4 + coupled L2 1e-4, batch 32, one local epoch), 40 rounds,
-one seed. Each algorithm is FedAvg with the compressor after its ``+``
+seeds 0, 1, 2. Each algorithm is FedAvg with the compressor after its ``+``
 (``experiments/compression.py``): stochastic quantization to 1/2/4/8 bits, top-k of 1% and
 10% without and with error feedback (``ef_``), sparse ternary compression (STC) of 1% with
 error feedback (as Sattler et al. use it), and no compression.
@@ -26,6 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.name = "compression"
     c.settings = ("digits_label_skew",)
     c.algorithms = ("fedavg", *(f"fedavg+{s}" for s in SPECS))
-    c.seeds = (0,)
+    c.seeds = (0, 1, 2)
     c.eval_every = 5
     return c
