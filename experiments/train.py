@@ -56,7 +56,6 @@ class Run(NamedTuple):
     seed: int  # the experiment seed
     seeds: Seeds  # derived from it
     epsilons: Any = None  # DP runs: epsilon after each round (privacy.epsilons), else None
-    wire: Any = None  # bytes one client sends and receives a round (set by train_run)
 
 
 def cohort_sampler(config: Config, num_clients: int) -> Any:
@@ -75,14 +74,14 @@ def step_budget(config: Config) -> fb.budgets.Budget | None:
     return fb.budgets.uniform_steps(low, high) if high else None
 
 
-def make_round_fn(config: Config, alg: fb.Algorithm, num_clients: int) -> Any:
-    """The configured round function of ``alg`` over ``num_clients`` (all of the config's
-    execution fields are read here and only here)."""
+def round_options(config: Config, num_clients: int) -> fb.RoundOptions:
+    """How the config's rounds run over ``num_clients`` clients: all of the config's execution
+    fields are read here and only here (``RoundOptions`` checks them; 0 in the config is None
+    there: the executor's default, or no cohort)."""
     cohort_size, sampler = config.cohort_size or None, cohort_sampler(config, num_clients)
     if privacy.enabled(config):  # Poisson or fixed-size cohorts the accountant can reason about
         cohort_size, sampler = privacy.sampler(config)
-    return fb.make_round(
-        alg,
+    return fb.RoundOptions(
         executor=config.executor,
         batch_size=config.batch_size,
         local_epochs=config.local_epochs,
@@ -104,7 +103,7 @@ def build_run(config: Config, data: FederatedData, alg_name: str, seed: int) -> 
         model = registry.build_model(config, data.num_classes, shape, seed=seeds.init)
         tx = registry.build_optimizer(config)
         alg = registry.build_algorithm(alg_name, model, tx, config)
-        round_fn = make_round_fn(config, alg, data.num_clients)
+        round_fn = fb.make_round(alg, round_options(config, data.num_clients))
     except ConfigError:
         raise
     except ValueError as e:  # e.g. mu < 0, an executor option it does not take
@@ -185,9 +184,9 @@ def round_row(
     """One round's history row from its result: training loss and metrics over the clients
     that were not quarantined (weighted by examples seen), the cohort, BN divergences; the
     evaluation columns are None until :func:`evaluate_row` fills them. ``uplink_bytes``: what
-    the clients that trained sent; ``downlink_bytes``: the broadcast to the cohort
-    (``fedjax_bn/compress/wire.py``)."""
-    ids = np.asarray(getattr(result, "clients", np.arange(len(result.loss))))
+    the clients that trained sent; ``downlink_bytes``: the broadcast to the cohort (from
+    the round result, ``fedjax_bn/compress/wire.py``)."""
+    ids = np.asarray(result.clients)
     div = run.measure(*monitor_view(state, *probe, ids, config))
     weights = result.num_seen * ~result.quarantined
     row: Row = {
@@ -209,9 +208,8 @@ def round_row(
     }
     for name, values in task_metrics(result.metrics).items():  # beyond accuracy
         row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
-    sent = int(np.sum(np.asarray(result.num_seen) > 0))  # clients that trained send a message
-    up, down = fb.compress.round_bytes(run.wire, sent, len(row["cohort"]))
-    row.update(uplink_bytes=up, downlink_bytes=down)
+    for name in ("uplink_bytes", "downlink_bytes"):
+        row[name] = int(np.sum(np.asarray(getattr(result, name)), dtype=np.int64))
     return row
 
 
@@ -278,7 +276,6 @@ def train_run(
         jax.random.key(run.seeds.init), run.data.train.sample_x(), run.data.num_clients
     )
     key = jax.random.key(run.seeds.shuffle)
-    run = run._replace(wire=fb.compress.client_bytes(run.alg, state))  # from shapes
     probe = monitor.probe_batches(run.data.train, config.monitor.probe_size)  # (x, mask)
     if run.alg.policy != "fedavg" and not model_parts(state).local:
         print(

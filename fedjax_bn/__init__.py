@@ -33,7 +33,7 @@ from fedjax_bn.evaluate import (
     evaluate_model,
     global_variables,
 )
-from fedjax_bn.execution import client_update, make_round
+from fedjax_bn.execution import RoundOptions, RoundResult, client_update, make_round
 from fedjax_bn.models import DigitModel, SeedCNN
 from fedjax_bn.policy import AllBut, bn_param_mask, merge, partition, pool_batch_stats
 from fedjax_bn.resnet import ResNet, ResNet18
@@ -65,6 +65,8 @@ __all__ = [
     "NnxCNN",
     "ResNet",
     "ResNet18",
+    "RoundOptions",
+    "RoundResult",
     "SeedCNN",
     "Task",
     "ServerState",

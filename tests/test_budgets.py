@@ -25,6 +25,7 @@ from fedjax_bn.aggregate import normalized_mean, weighted_mean
 from fedjax_bn.execution import batches_from_order, make_round, schedule
 from fedjax_bn.execution.batches import budget_mask
 from fedjax_bn.execution.plan import truncate
+from fedjax_bn.execution.streams import BUDGET_STREAM
 
 SIZES = (5, 10, 3)  # real steps per epoch with B=4: 2, 3, 1
 B, EPOCHS = 4, 2
@@ -154,19 +155,12 @@ def test_budgets_drawn_per_round_agree_across_executors() -> None:
         run(fedbn(), data, 2, executor="sequential", budget=draw, steps_per_call=2),
         run(fedbn(), data, 2, executor="chunked", budget=draw, chunk_size=2, num_groups=2),
     ]
-    key = jax.random.fold_in(jax.random.key(11), budgets_stream())
+    key = jax.random.fold_in(jax.random.key(11), BUDGET_STREAM)
     drawn = np.asarray(draw(key, 1, len(SIZES)))
     want = [seen(n, b) for n, b in zip(SIZES, drawn, strict=True)]
     np.testing.assert_array_equal(outs[0][1].num_seen, want)
     for got in outs[1:]:
         assert_trees_close(got, outs[0], rtol=1e-4, atol=1e-5)
-
-
-def budgets_stream() -> int:
-    """The round key's stream budgets are drawn from."""
-    from fedjax_bn.execution.cohort import BUDGET_STREAM
-
-    return BUDGET_STREAM
 
 
 @pytest.mark.parametrize("executor", ["sequential", "vmap"])

@@ -21,8 +21,9 @@ from conftest import CounterModel, assert_trees_close, assert_trees_equal, make_
 import fedjax_bn as fb
 from fedjax_bn import sampling
 from fedjax_bn.execution import CohortRound, make_round, size_buckets, store
-from fedjax_bn.execution.cohort import EXECUTOR_STREAM, bucket_key, plan_sizes, size_bucket
+from fedjax_bn.execution.cohort import bucket_key, plan_sizes, size_bucket
 from fedjax_bn.execution.plan import make_plan
+from fedjax_bn.execution.streams import EXECUTOR_STREAM
 
 SIZES = (3, 7, 1, 12, 5, 9)
 N, B = len(SIZES), 4
@@ -61,7 +62,7 @@ def test_a_cohort_of_everyone_is_the_full_round_bitwise() -> None:
         a, want = full(a, DATA, jax.random.fold_in(key, EXECUTOR_STREAM))
         b, got = cohort(b, DATA, key)
         np.testing.assert_array_equal(got.clients, np.arange(N))
-        assert_trees_equal(tuple(got[:4]), tuple(want))
+        assert_trees_equal(got, want)  # clients included: arange(N) in both
     assert_trees_equal(b, a)
 
 
@@ -91,7 +92,7 @@ def test_clients_that_sit_out_keep_their_state_bitwise() -> None:
 
 def test_host_placement_equals_device_placement_bitwise() -> None:
     alg = algorithm()
-    inner = make_round(alg, executor="sequential", batch_size=B)  # one executor, one compile
+    stages = make_round(alg, executor="sequential", batch_size=B).stages  # one compile
     out = {}
     for placement, data in [
         ("device", DATA),
@@ -99,7 +100,7 @@ def test_host_placement_equals_device_placement_bitwise() -> None:
         ("host", store.to_host(DATA)),
         ("device", store.to_host(DATA)),
     ]:
-        rnd = CohortRound(inner, cohort_size=3, sampler="uniform", state_placement=placement)
+        rnd = CohortRound(stages, cohort_size=3, sampler="uniform", state_placement=placement)
         state, results = rounds(rnd, init(alg), data, 3)
         assert rnd.placement == placement
         assert store.is_host(state.clients) == (placement == "host")
@@ -107,7 +108,7 @@ def test_host_placement_equals_device_placement_bitwise() -> None:
     want = out["device", False]
     for got in out.values():
         assert_trees_equal(jax.device_get(got), jax.device_get(want))
-    auto = CohortRound(inner, cohort_size=3, sampler="uniform", state_placement="auto")
+    auto = CohortRound(stages, cohort_size=3, sampler="uniform", state_placement="auto")
     rounds(auto, init(alg), DATA, 1)
     assert auto.placement == "device"  # a few KiB fit any device's budget
 
@@ -115,10 +116,10 @@ def test_host_placement_equals_device_placement_bitwise() -> None:
 @pytest.mark.parametrize("placement", ["device", "host"])
 def test_donated_state_gives_the_same_rounds_and_consumes_its_input(placement) -> None:
     alg = algorithm()
-    inner = make_round(alg, executor="sequential", batch_size=B)
-    pure = CohortRound(inner, cohort_size=3, sampler="uniform", state_placement=placement)
+    stages = make_round(alg, executor="sequential", batch_size=B).stages
+    pure = CohortRound(stages, cohort_size=3, sampler="uniform", state_placement=placement)
     donated = CohortRound(
-        inner, cohort_size=3, sampler="uniform", state_placement=placement, donate_state=True
+        stages, cohort_size=3, sampler="uniform", state_placement=placement, donate_state=True
     )
     want, _ = rounds(pure, init(alg), DATA, 3)
     start = jax.tree.map(np.asarray, init(alg)) if placement == "host" else init(alg)
@@ -233,11 +234,11 @@ def test_rounds_compile_once_per_bucket() -> None:
     traced = sum(t > 0 for t in per_round)
     assert 1 < len(vmap.buckets) <= 2 * len(buckets)
     assert traced <= len(vmap.buckets), (per_round, sorted(vmap.buckets))
-    impl = vmap.inner.executor_for(make_clients(0, (1, 1, 1)))
+    impl = vmap.stages.executor_for(3)
     assert impl._round._cache_size() <= len(vmap.buckets)  # one plan per (hi, lo) bucket
     seq, per_round, seq_state = traced_rounds("sequential")
     assert seq.buckets == vmap.buckets  # same keys, same cohorts
-    impl = seq.inner.executor_for(make_clients(0, (1, 1, 1)))
+    impl = seq.stages.executor_for(3)
     his = {hi for hi, _ in seq.buckets}
     assert impl._shuffle._cache_size() == len(his)
     assert impl._begin._cache_size() == impl._finish._cache_size() == 1

@@ -282,3 +282,17 @@ def test_history_rows_hold_the_round_bytes(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     runs = {r["algorithm"]: r for r in summary["runs"]}
     assert runs["fedavg"]["uplink_bytes"] == sum(r["uplink_bytes"] for r in plain)
+
+
+def test_round_results_carry_each_slots_bytes() -> None:
+    """A client with budget 0 sends nothing but receives the model; a cohort round counts its
+    sampled clients only."""
+    alg = fb.fedavg(CounterModel(), sgd(), compress=compress.quantize(4))
+    state, result = round_with(alg, budget=(0, 3, 3))
+    per = compress.client_bytes(alg, state)
+    np.testing.assert_array_equal(result.uplink_bytes, [0, per.uplink, per.uplink])
+    np.testing.assert_array_equal(result.downlink_bytes, [per.downlink] * 3)
+    _, cohort = round_with(alg, cohort_size=2)
+    real = np.asarray(cohort.clients) < len(SIZES)
+    assert int(np.sum(cohort.downlink_bytes)) == per.downlink * int(real.sum()) == 2 * per.downlink
+    assert int(np.sum(cohort.uplink_bytes)) == per.uplink * int(np.sum(cohort.num_seen > 0))

@@ -1,18 +1,13 @@
-"""Tests for the executors (fedjax_bn.execute and the modules behind it).
+"""Tests across the executors (fedjax_bn.execution): the interface, options and registry.
 
 Every executor must give the same round (allclose) on a tiny model with clients of different
-sizes; the sharded executor on 8 forced CPU devices (a subprocess: XLA_FLAGS must be set before
-jax starts) must equal vmap; no executor may re-trace after its first round.
+sizes, and no executor may re-trace after its first round. Each executor's own tests:
+``test_sequential.py``, ``test_lockstep.py``, ``test_sharded.py``.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+import dataclasses
 from typing import Any
 
 import jax
@@ -21,29 +16,30 @@ import numpy as np
 import optax
 import pytest
 from conftest import assert_trees_close, make_clients, tiny_cnn
-from hypothesis import given
-from hypothesis import strategies as st
 
 import fedjax_bn as fb
-from fedjax_bn import budgets
 from fedjax_bn.data import ClientArrays
-from fedjax_bn.execution import EXECUTORS, choose_executor, make_round
-from fedjax_bn.execution.plan import (
-    client_order,
-    dispatches,
-    lanes,
-    make_plan,
+from fedjax_bn.execution import (
+    EXECUTORS,
+    REGISTRY,
+    ChunkedExecutor,
+    RoundOptions,
+    RoundResult,
+    SequentialExecutor,
+    VmapExecutor,
+    choose_executor,
+    make_round,
     padded_fraction,
-    real_steps,
-    schedule,
 )
+from fedjax_bn.execution.cohort import plan_sizes, size_bucket
+from fedjax_bn.execution.sequential import default_client_threads
 
 SIZES = (5, 10, 3)  # different sizes and partial last batches: 2, 3 and 1 steps per epoch
 B, EPOCHS, ROUNDS = 4, 2, 3
 # (executor, options): every way to run a round; each must agree with the first.
 CONFIGS = [
     ("sequential", {"client_threads": 1}),
-    ("sequential", {"client_threads": 3}),  # a lane per client: bitwise the one-thread round
+    ("sequential", {"client_threads": 3}),  # a lane per client
     ("sequential", {"steps_per_call": 2}),
     ("vmap", {"loop": "unroll", "num_groups": 2}),
     ("vmap", {"loop": "scan"}),
@@ -118,88 +114,10 @@ def test_every_executor_gives_the_same_round(outcomes: list[dict[str, Any]]) -> 
             raise AssertionError(f"{executor} {options} differs from sequential") from e
 
 
-def test_client_threads_give_bitwise_the_one_thread_round(outcomes: list[dict[str, Any]]) -> None:
-    one, three = outcomes[0]["out"], outcomes[1]["out"]
-    assert CONFIGS[1][1] == {"client_threads": 3}
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(three), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_lanes_are_bitwise_for_scaffold_with_budgets_and_an_empty_client() -> None:
-    """SCAFFOLD's opening computes a correction; budgets (0 to 3 steps) leave some clients with
-    nothing to run, and one client has no data: 1, 2 and 4 lanes give the same bits."""
-    alg = fb.scaffold(tiny_cnn(), optax.sgd(0.05), lr=0.05)
-    data = make_clients(2, (6, 0, 9, 3, 5))
-    budget = budgets.uniform_steps(0, 3)
-    outs = []
-    for threads in (1, 2, 4):
-        rnd = make_round(
-            alg, executor="sequential", batch_size=B, budget=budget, client_threads=threads
-        )
-        state = alg.init(jax.random.key(0), data.x[0, :1], 5)
-        for r in range(2):
-            state, res = rnd(state, data, jax.random.key(r))
-        outs.append((state, res))
-    for other in outs[1:]:
-        for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(other), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def test_no_executor_retraces_after_the_first_round(outcomes: list[dict[str, Any]]) -> None:
     for (executor, options), got in zip(CONFIGS, outcomes, strict=True):
         first, *later = got["traces"]
         assert first > 0 and later == [0] * (ROUNDS - 1), (executor, options, got["traces"])
-
-
-SHARDED_SCRIPT = textwrap.dedent(
-    """
-    import jax, numpy as np, optax
-    assert jax.device_count() == 8, jax.devices()
-    from conftest import assert_trees_close, make_clients, tiny_cnn
-    import fedjax_bn as fb
-    from fedjax_bn.execution import make_round
-    from fedjax_bn.execution.sharded import client_mesh, place
-
-    alg = fb.fedbn_prox(tiny_cnn(), optax.sgd(0.05, momentum=0.9), mu=0.1,
-                        persist_client_optimizer=True)
-    for sizes in [(5, 13, 9), (5, 13, 9, 2, 8, 8, 1, 11)]:  # padded to 8 clients; even split
-        data = make_clients(1, sizes)
-        state = alg.init(jax.random.key(0), data.x[0, :1], len(sizes))
-        out = {}
-        for ex in ("vmap", "sharded"):
-            s, d = state, data
-            if ex == "sharded" and len(sizes) == 8:
-                s, d = place(state, data, client_mesh())
-            rnd = make_round(alg, executor=ex, batch_size=4, local_epochs=2, loop="scan")
-            for r in range(2):
-                s, res = rnd(s, d, jax.random.key(r))
-            out[ex] = (s, res)
-        assert_trees_close(out["sharded"], out["vmap"], rtol=1e-4, atol=1e-5)
-        if len(sizes) == 8:
-            leaf = jax.tree.leaves(out["sharded"][0].clients.local)[0]
-            assert len(leaf.sharding.device_set) == 8, leaf.sharding
-            assert leaf.addressable_shards[0].data.shape[0] == 1
-    print("SHARDED OK")
-    """
-)
-
-
-def test_sharded_on_eight_cpu_devices_equals_vmap() -> None:
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    tests = Path(__file__).parent
-    env["PYTHONPATH"] = os.pathsep.join([str(tests), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tests,
-    )
-    assert proc.returncode == 0 and "SHARDED OK" in proc.stdout, proc.stderr[-4000:]
 
 
 def test_auto_names_what_it_picked() -> None:
@@ -230,102 +148,70 @@ def test_make_round_rejects_bad_options() -> None:
             make_round(alg, **kwargs)
 
 
-# ------------------------------------------------------------- host-side plans (no compiling)
-
-sizes_st = st.lists(st.integers(1, 40), min_size=1, max_size=12)
-
-
-@given(sizes=sizes_st, batch=st.integers(1, 8), epochs=st.integers(1, 3), groups=st.integers(1, 5))
-def test_plan_runs_every_real_step_once_and_grouping_never_pads_more(
-    sizes: list[int], batch: int, epochs: int, groups: int
-) -> None:
-    n_max = max(sizes)
-    one = make_plan(sizes, batch, epochs, n_max)
-    plan = make_plan(sizes, batch, epochs, n_max, num_groups=groups)
-    real = sum(real_steps(n, batch, epochs) for n in sizes)
-    assert plan.real_steps() == one.real_steps() == real
-    assert plan.run_steps() <= one.run_steps() == len(sizes) * epochs * math.ceil(n_max / batch)
-    assert 0.0 <= plan.padded_fraction() <= one.padded_fraction() < 1.0
-    assert one.padded_fraction() == pytest.approx(padded_fraction(sizes, batch, epochs))
-    ran = [c for g in plan.groups for c in (g.clients or range(len(sizes)))[: g.num_real]]
-    assert sorted(ran) == list(range(len(sizes)))
-    order = client_order(plan)
-    assert order is None or np.array_equal(np.asarray(ran)[order], np.arange(len(sizes)))
-    for g in plan.groups:  # full steps are full for every real client of the group
-        members = list(g.clients or range(len(sizes)))[: g.num_real]
-        assert all(g.full * batch <= sizes[c] <= g.n_hi for c in members)
+def test_every_round_reports_its_clients(outcomes: list[dict[str, Any]]) -> None:
+    """Every client trains: ``RoundResult.clients`` is ``arange(C)`` under every executor."""
+    for (executor, _), got in zip(CONFIGS, outcomes, strict=True):
+        clients = np.asarray(got["out"][1].clients)
+        np.testing.assert_array_equal(clients, np.arange(len(SIZES)), err_msg=executor)
 
 
-@given(sizes=sizes_st, devices=st.integers(1, 8))
-def test_sharded_plan_pads_each_group_to_the_device_count(sizes: list[int], devices: int) -> None:
-    plan = make_plan(sizes, 4, 1, max(sizes), multiple=devices)
-    for g in plan.groups:
-        assert len(g.clients or sizes) % devices == 0
+def test_round_options_are_frozen_and_none_is_the_executors_default() -> None:
+    alg = fb.fedavg(tiny_cnn(), optax.sgd(0.1))
+    options = RoundOptions(executor="sequential", batch_size=8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.batch_size = 4  # type: ignore[misc]
+    rnd = make_round(alg, options, batch_size=4)  # keywords override the options' fields
+    assert rnd.options == RoundOptions(executor="sequential", batch_size=4)
+    assert options.batch_size == 8
+    seq = rnd.stages.executor_for(3)
+    assert isinstance(seq, SequentialExecutor) and seq.exact_sizes
+    assert (seq.steps_per_call, seq.client_threads) == (1, default_client_threads())
+    chunked = make_round(alg, executor="chunked", num_groups=2).stages.executor_for(3)
+    assert isinstance(chunked, ChunkedExecutor) and chunked.exact_sizes
+    assert chunked.num_groups == 2
+    vmap = make_round(alg, executor="vmap").stages.executor_for(3)
+    assert isinstance(vmap, VmapExecutor) and not vmap.exact_sizes and vmap.num_groups == 1
+    assert vmap.padded_fraction((4, 8), 8) == pytest.approx(padded_fraction((4, 8), 32, 1))
 
 
-@given(n=st.integers(0, 40), batch=st.integers(1, 8), epochs=st.integers(1, 3))
-def test_sequential_schedule_masks_only_partial_batches(n: int, batch: int, epochs: int) -> None:
-    n_max = 40
-    calls = schedule(n, n_max, batch, epochs, per_call=3)
-    steps = [s + i for s, num, _ in calls for i in range(num)]
-    spe = math.ceil(n_max / batch)
-    want = [e * spe + j for e in range(epochs) for j in range(math.ceil(n / batch))]
-    assert steps == want
-    assert all(num <= 3 for _, num, _ in calls)
-    for s, num, masked in calls:
-        assert masked == ((s % spe + 1) * batch > n)  # masked exactly when the batch is partial
-        assert not masked or num == 1
+class Echo:
+    """A new executor in a few lines: trains nothing, records the sizes it was given."""
+
+    exact_sizes = False
+    calls: list[tuple[int, ...]] = []
+
+    def __init__(self, alg: fb.Algorithm, options: RoundOptions) -> None:
+        self.options = options
+
+    def __call__(self, state, train, key, sizes, batches=None, budget=None, ids=None):
+        Echo.calls.append(sizes)
+        num = len(sizes)
+        clients = np.arange(num) if ids is None else np.asarray(ids)
+        zeros = jnp.zeros(num)
+        result = RoundResult(zeros, {}, zeros, jnp.zeros(num, bool), jnp.asarray(clients))
+        return state._replace(round=state.round + 1), result
+
+    def padded_fraction(self, sizes: tuple[int, ...], n_max: int) -> float:
+        return 0.0
 
 
-@given(
-    n=st.integers(0, 40),
-    batch=st.integers(1, 8),
-    epochs=st.integers(1, 3),
-    per_call=st.integers(1, 3),
-    budget=st.one_of(st.none(), st.integers(0, 12)),
-)
-def test_sequential_dispatches_close_each_client_once_in_three_step_kinds(
-    n: int, batch: int, epochs: int, per_call: int, budget: int | None
-) -> None:
-    calls = schedule(n, 40, batch, epochs, per_call, budget)
-    out = dispatches(calls)
-    assert [(s, num, m) for s, num, m, _, _ in out if num] == [c for c in calls if c[1]]
-    if not calls:
-        assert out == []
-        return
-    assert not any(d[3] for d in out)  # openings are the lane's
-    assert [d[4] for d in out] == [False] * (len(out) - 1) + [True]  # closes once, last
-    for _, num, masked, _, closes in out:
-        if num == 0:
-            assert not masked and closes  # a 0-step dispatch only closes
-        else:
-            assert masked or not closes  # a closing step is the masked one
-    kinds = {(num > 0, masked, closes) for _, num, masked, _, closes in out}
-    assert kinds <= {
-        (True, False, False),
-        (True, True, False),
-        (True, True, True),
-        (False, False, True),
-    }
-
-
-def test_sequential_dispatches_by_hand() -> None:
-    assert dispatches([(0, 1, False), (1, 1, False), (2, 1, True)]) == [
-        (0, 1, False, False, False), (1, 1, False, False, False), (2, 1, True, False, True)
-    ]  # fmt: skip
-    assert dispatches([(0, 1, True)]) == [(0, 1, True, False, True)]
-    assert dispatches([(0, 1, False), (1, 1, False)]) == [
-        (0, 1, False, False, False), (1, 1, False, False, False), (1, 0, False, False, True)
-    ]  # fmt: skip
-
-
-@given(costs=st.lists(st.integers(0, 20), max_size=12), k=st.integers(1, 4))
-def test_lanes_hold_every_client_with_steps_once_and_balance_them(costs: list[int], k: int) -> None:
-    groups = lanes(costs, k)
-    members = [c for g in groups for c in g]
-    assert sorted(members) == [c for c, w in enumerate(costs) if w > 0]
-    assert len(groups) == k and all(list(g) == sorted(g) for g in groups)
-    loads = [sum(costs[c] for c in g) for g in groups]
-    if members:  # greedy longest-first: no lane exceeds the mean by more than one client
-        assert max(loads) <= sum(loads) / k + max(costs)
-    assert lanes([3, 1, 2, 2], 2) == ((0, 1), (2, 3))
+def test_an_executor_is_one_class_and_one_registry_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registered by name, it runs plain and cohort rounds; a cohort round asks its
+    ``exact_sizes`` flag which sizes to pass (canonical bucket bounds when False)."""
+    alg = fb.fedavg(tiny_cnn(), optax.sgd(0.1))
+    with pytest.raises(ValueError, match="valid executors"):
+        RoundOptions(executor="echo")
+    monkeypatch.setitem(REGISTRY, "echo", Echo)
+    monkeypatch.setattr(Echo, "calls", [])
+    sizes = (3, 7, 1, 12, 5)
+    data = make_clients(0, sizes)
+    state = alg.init(jax.random.key(0), data.x[0, :1], len(sizes))
+    new, result = make_round(alg, executor="echo")(state, data, jax.random.key(1))
+    assert int(new.round) == 1 and Echo.calls == [sizes]
+    np.testing.assert_array_equal(result.clients, np.arange(len(sizes)))
+    cohort = make_round(alg, executor="echo", cohort_size=3)
+    _, result = cohort(state, data, jax.random.key(2))
+    ids = np.asarray(result.clients)
+    real = tuple(sizes[i] for i in ids)
+    hi = size_bucket(max(real), max(sizes))
+    assert Echo.calls[1] == plan_sizes(real, hi, exact=False) != real

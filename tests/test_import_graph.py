@@ -76,3 +76,15 @@ def test_fedjax_bn_has_no_import_cycle() -> None:
     edges = graph()
     assert "fedjax_bn.task" in edges and edges["fedjax_bn.evaluate"]  # the walk found modules
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_rounds_and_executors_import_nothing_of_each_other() -> None:
+    """A plain round and a cohort round share executors through ``stages.py``, never through
+    each other; executors know nothing of rounds, options or the registry at run time."""
+    edges = graph()
+    ex = "fedjax_bn.execution."
+    assert ex + "cohort" not in edges[ex + "round"]
+    assert ex + "round" not in edges[ex + "cohort"]
+    above = {ex + m for m in ("round", "cohort", "stages", "options", "registry", "build")}
+    for executor in ("sequential", "lockstep", "sharded"):
+        assert not edges[ex + executor] & above, (executor, edges[ex + executor] & above)

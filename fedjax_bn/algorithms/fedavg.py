@@ -28,7 +28,7 @@ from fedjax_bn.algorithms.base import (
     init_variables,
 )
 from fedjax_bn.client import Batch, ClientMetrics, LocalState, LocalTraining
-from fedjax_bn.compress.client import compress_shared, init_states
+from fedjax_bn.compress.client import check_compress, compress_shared, init_states
 from fedjax_bn.compress.transforms import Compressor
 from fedjax_bn.policy import (
     BN_STATS,
@@ -200,12 +200,7 @@ def make_algorithm(
     BN statistics and integer leaves travel uncompressed. None: nothing compressed, as before.
     """
     check_policy(policy)
-    check_dp(dp, clip_norm=clip_norm, normalize=normalize)
-    if dp is not None and aggregator is not None:
-        raise ValueError(
-            "dp and aggregator do not compose yet: DP-FedAvg's noise is calibrated to a clipped "
-            "sum, not to a robust rule. Use one of them."
-        )
+    check_dp(dp, clip_norm=clip_norm, normalize=normalize, aggregator=aggregator)
     check_compress(compress, dp)
     task = make_task(model, loss=loss, metrics=metrics, augment=augment, train_kw=train_kw)
     if mu < 0:
@@ -295,28 +290,23 @@ def make_algorithm(
     return privatize(alg, dp, server_step=functools.partial(server_step, server_tx), how=bn_stats)
 
 
-def check_compress(compress: Compressor | None, dp: Gaussian | None) -> None:
-    """One clear error for a ``compress`` that is not a Compressor or cannot compose."""
-    if compress is None:
-        return
-    if not isinstance(compress, Compressor):
-        raise ValueError(
-            f"compress must be a fedjax_bn.compress.Compressor (e.g. quantize(bits=4)), got "
-            f"{compress!r}."
-        )
-    if dp is not None:
-        raise ValueError(
-            "dp and compress do not compose yet: DP-FedAvg clips and noises the uncompressed "
-            "update. Use one of them."
-        )
-
-
-def check_dp(dp: Gaussian | None, *, clip_norm: float | None, normalize: str | None) -> None:
+def check_dp(
+    dp: Gaussian | None,
+    *,
+    clip_norm: float | None,
+    normalize: str | None,
+    aggregator: Aggregator | None = None,
+) -> None:
     """Raise a clear error for a DP option this family cannot honour."""
     if dp is None:
         return
     if not isinstance(dp, Gaussian):
         raise TypeError(f"dp must come from fedjax_bn.privacy.gaussian(...), got {type(dp)}.")
+    if aggregator is not None:
+        raise ValueError(
+            "dp and aggregator do not compose yet: DP-FedAvg's noise is calibrated to a clipped "
+            "sum, not to a robust rule. Use one of them."
+        )
     if clip_norm is not None:
         raise ValueError("dp clips each client's update itself (dp.clip_norm); pass no clip_norm.")
     if normalize is not None:

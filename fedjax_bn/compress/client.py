@@ -18,6 +18,22 @@ from fedjax_bn.tree import Variables, unflatten
 Array = jax.Array
 
 
+def check_compress(compress: Any, dp: Any = None) -> None:
+    """One clear ValueError for a ``compress`` that is not a Compressor or cannot compose."""
+    if compress is None:
+        return
+    if not isinstance(compress, Compressor):
+        raise ValueError(
+            f"compress must be a fedjax_bn.compress.Compressor (e.g. quantize(bits=4)), got "
+            f"{compress!r}."
+        )
+    if dp is not None:
+        raise ValueError(
+            "dp and compress do not compose yet: DP-FedAvg clips and noises the uncompressed "
+            "update. Use one of them."
+        )
+
+
 def update_template(shared: Variables) -> Variables:
     """Float32 zeros shaped like the shared float leaves: what a client's update looks like."""
     return unflatten({p: jnp.zeros(v.shape, jnp.float32) for p, v in float_leaves(shared).items()})

@@ -14,12 +14,14 @@ import math
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bn.compress.transforms import Compressor
 from fedjax_bn.policy import float_leaves
 from fedjax_bn.tree import take_client
 
+Array = jax.Array
 BROADCAST_FIELDS = ("shared", "pooled", "control")
 
 
@@ -63,6 +65,18 @@ def client_bytes(alg: Any, state: Any) -> WireBytes:
     message = jax.eval_shape(message, state)
     compressor = getattr(alg, "compress", None)
     return WireBytes(message_bytes(message, compressor), raw_bytes(broadcast_of(state.server)))
+
+
+def slot_bytes(
+    per_client: WireBytes, num_seen_C: Array, clients_C: Array, population: int
+) -> tuple[Array, Array]:
+    """Each slot's ``(uplink, downlink)`` bytes ``[C]`` (int32): a slot that took no step sends
+    nothing, an empty slot (id >= ``population``) receives nothing."""
+    if max(per_client) >= 2**31:
+        raise ValueError(f"{per_client} exceeds int32 per client; bytes are counted in int32.")
+    up = jnp.where(jnp.asarray(num_seen_C) > 0, per_client.uplink, 0).astype(jnp.int32)
+    down = jnp.where(jnp.asarray(clients_C) < population, per_client.downlink, 0)
+    return up, down.astype(jnp.int32)
 
 
 def round_bytes(per_client: WireBytes, num_sent: int, num_received: int) -> WireBytes:

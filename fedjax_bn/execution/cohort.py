@@ -1,6 +1,7 @@
 """Cohort rounds: a sampled cohort of a population trains, everyone else sits out bit for bit.
 
-``make_round(alg, cohort_size=K, sampler=...)`` returns a :class:`CohortRound`. Each round:
+``make_round(alg, cohort_size=K, sampler=...)`` returns a :class:`CohortRound`. Each round
+(the ``fold_in`` streams are in ``streams.py``):
 
 1. the round key is split by ``fold_in``: stream ``SAMPLER_STREAM`` for the sampler,
    ``EXECUTOR_STREAM`` for the executor (batch shuffling), so the cohort never correlates
@@ -13,7 +14,8 @@
    sees ``K`` clients and the unchanged server state (SCAFFOLD's ``server.num_clients`` stays
    ``N``, so its participation fraction is ``|S| / N``);
 5. the cohort's new client states are scattered back; clients that sat out keep theirs bit for
-   bit. :class:`CohortResult` is the executor's :class:`RoundResult` plus the cohort's ids.
+   bit. The result is the executor's :class:`RoundResult`, whose ``clients`` are the cohort's
+   ids.
 
 Empty cohort slots (a sampler found fewer than ``K`` clients) get size 0: they take no step
 and have weight 0, and their state is never written.
@@ -26,7 +28,7 @@ No re-compilation. Shapes depend on the cohort through its padded size ``N_max``
 steps per epoch): it is bucketed to the next power of two, capped at the population's padded
 size (:func:`size_bucket`), so a round compiles once per bucket. The sequential executor
 reads sizes on the host only. The lockstep executors (vmap, chunked, sharded) compile a static
-step plan from sizes; with one group (``num_groups=1``) it gets canonical sizes
+step plan from sizes (``Executor.exact_sizes`` is False); with one group it gets canonical sizes
 ``(lo, hi, ..., hi)``: ``hi`` the ``N_max`` bucket bounds every client's steps, and
 ``lo = hi // 2`` when every cohort client holds at least that many examples, else 0, bounds
 the steps that run unmasked (full for all clients). So a lockstep cohort round compiles at
@@ -40,41 +42,22 @@ partial batch, first or last call of a client), a fixed set.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bn import sampling
 from fedjax_bn.algorithms.base import FedState
-from fedjax_bn.client import accuracy_of
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution import store
-from fedjax_bn.execution.sequential import SequentialRound
+from fedjax_bn.execution.executor import RoundResult
+from fedjax_bn.execution.stages import Stages
+from fedjax_bn.execution.streams import EXECUTOR_STREAM, SAMPLER_STREAM
 from fedjax_bn.sampling import Sampler
 
-if TYPE_CHECKING:
-    from fedjax_bn.execution.round import Round
-
 Array = jax.Array
-SAMPLER_STREAM, EXECUTOR_STREAM, BUDGET_STREAM = 0, 1, 2  # fold_in streams of the round key
-
-
-class CohortResult(NamedTuple):
-    """A cohort round's per-slot metrics (each ``[K]``, as :class:`RoundResult`) and
-    ``clients``: the slots' population ids, sorted; an id equal to ``N`` is an empty slot."""
-
-    loss: Array
-    metrics: dict[str, Array]
-    num_seen: Array
-    quarantined: Array
-    clients: Array
-
-    @property
-    def accuracy(self) -> Array:
-        """The ``accuracy`` metric (NaN where the task has none)."""
-        return accuracy_of(self)
+CohortResult = RoundResult  # the name cohort rounds' results had; one result type now
 
 
 def size_bucket(n: int, cap: int) -> int:
@@ -105,26 +88,23 @@ def plan_sizes(sizes: tuple[int, ...], cap: int, exact: bool) -> tuple[int, ...]
 
 
 class CohortRound:
-    """A round function ``(state, population_train, key) -> (state, CohortResult)`` (module
-    docstring). ``state.clients`` and ``population_train`` hold the whole population;
-    ``placement`` is where the client state lives (``auto`` resolved at the first call);
-    ``buckets`` the ``(hi, lo)`` bucket keys run so far."""
+    """A round function ``(state, population_train, key) -> (state, RoundResult)`` (module
+    docstring) of the executors ``stages`` (several cohort rounds may share them, and so their
+    compiled programs); the other arguments are ``RoundOptions``' (checked there).
+    ``state.clients`` and ``population_train`` hold the whole population; ``placement`` is
+    where the client state lives (``auto`` resolved at the first call); ``buckets`` the
+    ``(hi, lo)`` bucket keys run so far."""
 
     def __init__(
         self,
-        inner: Round,
+        stages: Stages,
         *,
         cohort_size: int,
         sampler: str | Sampler,
         state_placement: store.Placement,
         donate_state: bool = False,
     ) -> None:
-        if cohort_size < 1:
-            raise ValueError(f"cohort_size must be >= 1, got {cohort_size}.")
-        if isinstance(sampler, str):
-            sampling.sampler_for(sampler, np.ones(1))  # raises, naming the valid samplers
-        store.check_placement(state_placement)
-        self.inner, self.cohort_size, self.sampler = inner, cohort_size, sampler
+        self.stages, self.cohort_size, self.sampler = stages, cohort_size, sampler
         self.requested_placement = state_placement
         self.donate_state = donate_state
         self.placement: str | None = None if state_placement == "auto" else state_placement
@@ -134,11 +114,11 @@ class CohortRound:
     @property
     def executor(self) -> str | None:
         """The executor that runs each cohort (``auto`` resolved at the first call)."""
-        return self.inner.executor
+        return self.stages.executor
 
     def population_sizes(self, train: ClientArrays) -> np.ndarray:
-        """Host copy of every client's size (checked and cached as ``Round.sizes`` does)."""
-        sizes = self.inner.sizes(train)
+        """Host copy of every client's size (checked and cached by ``Stages.sizes``)."""
+        sizes = self.stages.sizes(train)
         if self._sizes is None or self._sizes[0] is not sizes:
             host = np.asarray(sizes, np.int64)
             self._sizes = (sizes, host, sampling.sampler_for(self.sampler, host))
@@ -153,7 +133,7 @@ class CohortRound:
 
     def __call__(
         self, state: FedState, train: ClientArrays, key: Array
-    ) -> tuple[FedState, CohortResult]:
+    ) -> tuple[FedState, RoundResult]:
         sizes_N = self.population_sizes(train)
         num = len(sizes_N)
         sampling.check_cohort(num, self.cohort_size)
@@ -169,15 +149,15 @@ class CohortRound:
         self.buckets.add((hi, lo))
         cohort = store.gather_data(train, ids, hi)
         clients = store.gather(population, ids, num)
-        impl = self.inner.executor_for(cohort, state.round)
-        exact = isinstance(impl, SequentialRound) or self.inner.options["num_groups"] > 1
+        impl = self.stages.executor_for(len(ids), state.round)
         sub = FedState(state.server, clients, state.round)
         run_key = jax.random.fold_in(key, EXECUTOR_STREAM)
-        budget = cohort_budget(self.inner.draw_budget(key, state.round, num), ids)
-        new, result = impl(sub, cohort, run_key, plan_sizes(sizes, hi, exact), None, budget, ids)
+        budget = cohort_budget(self.stages.draw_budget(key, state.round, num), ids)
+        planned = plan_sizes(sizes, hi, impl.exact_sizes)
+        new, result = impl(sub, cohort, run_key, planned, None, budget, ids)
         population = store.scatter(population, ids, new.clients, num, in_place=self.donate_state)
-        out = CohortResult(*result, jnp.asarray(ids, jnp.int32))
-        return FedState(new.server, population, new.round), out
+        result = self.stages.with_bytes(sub, result, num)
+        return FedState(new.server, population, new.round), result
 
 
 def cohort_budget(budget_N: np.ndarray | None, ids: np.ndarray) -> np.ndarray | None:

@@ -1,4 +1,5 @@
-"""Lockstep executors: a cohort's clients vmapped in one jitted call, or in chunks of ``k``.
+"""Lockstep executors: a cohort's clients vmapped in one jitted call (``VmapExecutor``), or
+in chunks of ``k`` (``ChunkedExecutor``); ``sharded.py`` builds on the same round.
 
 The whole round (on-device shuffling and batching with ``jax.random``, every client's local
 steps, aggregation) is one jitted function of a static :class:`~fedjax_bn.execution.plan.Plan`.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,31 +22,21 @@ import numpy as np
 
 from fedjax_bn.algorithms.base import Algorithm, FedState
 from fedjax_bn.budgets import budget_weights
-from fedjax_bn.client import accuracy_of
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution.batches import budget_mask, round_batches
+from fedjax_bn.execution.executor import RoundResult
 from fedjax_bn.execution.loop import LocalLoop, client_keys, local_steps
-from fedjax_bn.execution.plan import Group, Plan, client_order
+from fedjax_bn.execution.plan import Group, Plan, client_order, make_plan
 from fedjax_bn.execution.quarantine import aggregate_round
 from fedjax_bn.tree import concat_clients, take_client
 
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from fedjax_bn.execution.options import RoundOptions
+
 Array = jax.Array
-
-
-class RoundResult(NamedTuple):
-    """Per-client training metrics of one round (each ``[C]``): mean loss, each task metric's
-    mean (``metrics[name]``), examples seen; ``quarantined`` marks clients whose update or loss
-    was not finite (dropped from the aggregation, state not written)."""
-
-    loss: Array
-    metrics: dict[str, Array]
-    num_seen: Array
-    quarantined: Array
-
-    @property
-    def accuracy(self) -> Array:
-        """The ``accuracy`` metric (NaN where the task has none)."""
-        return accuracy_of(self)
+AUTO_CHUNK_SIZE = 256  # clients per chunk for ``chunked`` when RoundOptions.chunk_size is None
 
 
 class Inputs(NamedTuple):
@@ -158,10 +149,105 @@ def lockstep_round(
     if order is not None:
         results = take_client(results, order)
     server, clients, bad = aggregate_round(alg, state.server, state.clients, results, weights_C)
-    return FedState(server, clients, state.round + 1), RoundResult(*results[2], bad)
+    result = RoundResult(*results[2], bad, ids_C)
+    return FedState(server, clients, state.round + 1), result
 
 
 def default_local_loop() -> LocalLoop:
     """``unroll`` on CPU (conv gradients in a while loop are several times slower there), else
     ``scan``."""
     return "unroll" if jax.default_backend() == "cpu" else "scan"
+
+
+class LockstepExecutor:
+    """One jitted round per static step plan, its clients run by ``run_group`` (vmapped,
+    chunked or sharded); plans from real sizes only with ``num_groups > 1``."""
+
+    def __init__(
+        self,
+        alg: Algorithm,
+        run_group: GroupRunner,
+        options: RoundOptions,
+        mesh: Mesh | None = None,
+        constrain: Callable[[FedState], FedState] | None = None,
+    ) -> None:
+        self.batch_size, self.local_epochs = options.batch_size, options.local_epochs
+        self.num_groups = 1 if mesh is not None else options.num_groups or 1
+        self.mesh = mesh
+        self.exact_sizes = (options.num_groups or 1) > 1
+
+        def round_fn(
+            plan: Plan,
+            state: FedState,
+            train: ClientArrays,
+            key: Array,
+            batches: Any,
+            budget: Any,
+            ids: Any,
+        ) -> tuple[FedState, RoundResult]:
+            new_state, result = lockstep_round(
+                alg, plan, run_group, state, train, key, batches, budget, ids
+            )
+            if constrain is not None and plan.num_clients % mesh.size == 0:
+                new_state = constrain(new_state)
+            return new_state, result
+
+        self._round = jax.jit(round_fn, static_argnums=0)
+
+    def plan(self, sizes: tuple[int, ...], n_max: int) -> Plan:
+        """The static step plan for these client sizes."""
+        multiple = self.mesh.size if self.mesh is not None else 1
+        return make_plan(
+            sizes,
+            self.batch_size,
+            self.local_epochs,
+            n_max,
+            num_groups=self.num_groups,
+            multiple=multiple,
+        )
+
+    def padded_fraction(self, sizes: tuple[int, ...], n_max: int) -> float:
+        """Share of the client-steps it runs that are masked no-ops (budgets not counted)."""
+        return self.plan(sizes, n_max).padded_fraction()
+
+    def __call__(
+        self,
+        state: FedState,
+        train: ClientArrays,
+        key: Array,
+        sizes: tuple[int, ...],
+        batches: Any = None,
+        budget: np.ndarray | None = None,
+        ids: np.ndarray | None = None,
+    ) -> tuple[FedState, RoundResult]:
+        budget_C = None if budget is None else jnp.asarray(budget, jnp.int32)  # data: no re-jit
+        ids_C = None if ids is None else jnp.asarray(ids, jnp.int32)
+        plan = self.plan(sizes, train.n_max)
+        return self._round(plan, state, train, key, batches, budget_C, ids_C)
+
+
+def client_runner(alg: Algorithm, options: RoundOptions, chunk_size: int | None) -> GroupRunner:
+    """A group function that runs its clients with :func:`run_clients` on this device."""
+    loop = options.loop or default_local_loop()
+
+    def run_group(group: Group, server: Any, inputs: Inputs) -> Outputs:
+        return run_clients(alg, loop, chunk_size, group, server, inputs)
+
+    return run_group
+
+
+class VmapExecutor(LockstepExecutor):
+    """``vmap``: every client of a group in one vmapped call (fills a GPU/TPU with many small
+    clients)."""
+
+    def __init__(self, alg: Algorithm, options: RoundOptions) -> None:
+        super().__init__(alg, client_runner(alg, options, None), options)
+
+
+class ChunkedExecutor(LockstepExecutor):
+    """``chunked``: vmap over chunks of ``chunk_size`` clients, looping over the chunks inside
+    the jit (``jax.lax.map(..., batch_size=k)``), to bound memory."""
+
+    def __init__(self, alg: Algorithm, options: RoundOptions) -> None:
+        chunk_size = options.chunk_size or AUTO_CHUNK_SIZE
+        super().__init__(alg, client_runner(alg, options, chunk_size), options)

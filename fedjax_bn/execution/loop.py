@@ -19,13 +19,13 @@ import jax.numpy as jnp
 from fedjax_bn import client as client_lib
 from fedjax_bn.client import Batch, ClientResult, LocalTraining
 from fedjax_bn.execution.batches import gather_batch
+from fedjax_bn.execution.streams import STEP_STREAM
 from fedjax_bn.tree import Variables
 
 Array = jax.Array
 LocalLoop = Literal["scan", "unroll"]
 LOOPS: tuple[str, ...] = ("scan", "unroll")
 Step = Callable[[Any, Batch], Any]
-STEP_STREAM = 3  # fold_in stream of an executor's round key for the per-step keys
 
 
 def client_key(key: Array, client_id: Array) -> Array:

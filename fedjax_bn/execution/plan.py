@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,8 +23,18 @@ from fedjax_bn.execution.batches import steps_per_epoch
 
 # One sequential call of a client's schedule: (first step, number of steps, masked?).
 Call = tuple[int, int, bool]
-# One jitted dispatch of it: (first step, steps, masked?, opens the client?, closes it?).
-Dispatch = tuple[int, int, bool, bool, bool]
+
+
+class Dispatch(NamedTuple):
+    """One jitted call of the sequential executor: ``steps`` steps of a client from step
+    ``first`` (``masked``: its batch is partial); ``opens``: it starts the client first;
+    ``closes``: it then finishes the client and starts the lane's next one."""
+
+    first: int
+    steps: int
+    masked: bool
+    opens: bool
+    closes: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +197,7 @@ def dispatches(calls: list[Call]) -> list[Dispatch]:
 
     The client's closing (``client_final``, then the opening of the lane's next client) is
     fused into its last call when that one is masked, else it runs as a 0-step dispatch of
-    its own; openings are the lane's (``SequentialRound``): a lane opens its first client,
+    its own; openings are the lane's (``SequentialExecutor``): a lane opens its first client,
     and each closing opens the next. So whatever the sizes and budgets, the dispatches that
     hold a train step come in three kinds (full, masked, masked + closing) per step count, and
     each compiles once; a size that is a multiple of the batch, or a budget that cuts a
@@ -194,12 +205,11 @@ def dispatches(calls: list[Call]) -> list[Dispatch]:
     """
     if not calls:
         return []
-    out = [(s, num, masked, False, False) for s, num, masked in calls]
-    s, num, masked, _, _ = out[-1]
-    if masked:
-        out[-1] = (s, num, masked, False, True)
+    out = [Dispatch(s, num, masked, False, False) for s, num, masked in calls]
+    if out[-1].masked:
+        out[-1] = out[-1]._replace(closes=True)
     else:
-        out.append((s, 0, False, False, True))
+        out.append(Dispatch(out[-1].first, 0, False, False, True))
     return out
 
 

@@ -26,6 +26,9 @@ once from the clients' sizes (``plan.schedule``) and dispatches jitted calls tha
   into a stacked buffer of its own, and ``finish`` takes each client's row from its lane's
   buffer, so the result is bitwise that of one thread. Worker threads see jax's global config,
   not a thread-local context (``with jax.default_device(...)`` and the like).
+- The extra lanes run on one process-wide pool per lane count (:func:`lane_pool`), not a pool
+  per executor: a process that builds many rounds (tests, sweeps) holds a fixed number of idle
+  threads, whether or not the rounds it dropped have been garbage collected.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import concurrent.futures
 import functools
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +47,41 @@ from fedjax_bn.algorithms.base import Algorithm, FedState, init_compiler_options
 from fedjax_bn.budgets import budget_weights
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution.batches import round_batches
-from fedjax_bn.execution.lockstep import Outputs, RoundResult
+from fedjax_bn.execution.executor import RoundResult
+from fedjax_bn.execution.lockstep import Outputs
 from fedjax_bn.execution.loop import client_key, local_steps
 from fedjax_bn.execution.plan import Dispatch, dispatches, lanes, schedule
 from fedjax_bn.execution.quarantine import aggregate_round
 from fedjax_bn.tree import put_client, take_client
 
+if TYPE_CHECKING:
+    from fedjax_bn.execution.options import RoundOptions
+
 Array = jax.Array
-OPEN: Dispatch = (0, 0, False, True, False)  # a lane's first client: start it, no steps
+OPEN = Dispatch(0, 0, False, True, False)  # a lane's first client: start it, no steps
+
+
+class CallKind(NamedTuple):
+    """What one jitted call does (static: each kind compiles once): ``steps`` steps,
+    ``masked`` (a partial batch), ``opens`` (start the client from the state first),
+    ``closes`` (then finish it and start the lane's next client)."""
+
+    steps: int
+    masked: bool
+    opens: bool
+    closes: bool
+
+
+class RoundData(NamedTuple):
+    """The round's on-device data that every call reads: the clients' examples, their batch
+    indices and masks ``[C, S, B]``, the round key and the clients' population ids."""
+
+    x_CN: Any
+    y_CN: Any
+    idx_CSB: Array
+    mask_CSB: Array
+    key: Array
+    ids_C: Array
 
 
 def default_client_threads(backend: str | None = None) -> int:
@@ -60,6 +90,13 @@ def default_client_threads(backend: str | None = None) -> int:
     if (backend or jax.default_backend()) != "cpu":
         return 1
     return min(2, os.cpu_count() or 1)
+
+
+@functools.cache
+def lane_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The process-wide pool of ``workers`` host threads that runs sequential executors' extra
+    lanes (a lane job never waits on another, so rounds sharing it cannot deadlock)."""
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fedjax_bn-lane")
 
 
 def select_rows(owner_C: Array, buffers: tuple[Any, ...]) -> Any:
@@ -77,97 +114,89 @@ def select_rows(owner_C: Array, buffers: tuple[Any, ...]) -> Any:
     return jax.tree.map(pick, *buffers)
 
 
-class SequentialRound:
+def begin_buffers(
+    alg: Algorithm, state: FedState, num_clients: int, num_lanes: int
+) -> tuple[Outputs, ...]:
+    """Each lane's stacked output buffer: the first holds the outputs every client starts from
+    (a client with no data reports its starting model and keeps its state), the others zeros
+    (only the rows of their lane's clients are read)."""
+    start = jax.vmap(
+        lambda cl: alg.client_final(alg.client_init(state.server, cl)),
+        axis_size=num_clients,  # clients may be an empty tree (fedavg)
+    )
+    finals = start(state.clients)
+    spare = tuple(jax.tree.map(jnp.zeros_like, finals) for _ in range(num_lanes - 1))
+    return (finals, *spare)
+
+
+def client_call(
+    alg: Algorithm,
+    kind: CallKind,
+    state: FedState | None,
+    carry: Any,
+    finals: Outputs | None,
+    data: RoundData,
+    c: Array,
+    s: Array,
+    c_next: Array | None,
+) -> Any:
+    """``kind.steps`` steps of client ``c`` from step ``s``; opening and closing as ``kind``
+    says (closing writes the client's outputs into the donated ``finals`` and starts client
+    ``c_next``, returning both)."""
+    if kind.opens:
+        carry = alg.client_init(state.server, take_client(state.clients, c))
+    if kind.steps:
+        num = kind.steps
+        idx_SB = jax.lax.dynamic_slice_in_dim(data.idx_CSB[c], s, num)
+        mask_SB = jax.lax.dynamic_slice_in_dim(data.mask_CSB[c], s, num)
+        x_N, y_N = jax.tree.map(lambda a: a[c], (data.x_CN, data.y_CN))
+        carry = local_steps(
+            alg.client_step,
+            carry,
+            x_N,
+            y_N,
+            idx_SB,
+            mask_SB,
+            full=0 if kind.masked else num,
+            key=client_key(data.key, data.ids_C[c]),
+            first=s,
+        )
+    if not kind.closes:
+        return carry
+    finals = put_client(finals, c, alg.client_final(carry))
+    return finals, alg.client_init(state.server, take_client(state.clients, c_next))
+
+
+def finish_round(
+    alg: Algorithm,
+    state: FedState,
+    buffers: tuple[Outputs, ...],
+    owner_C: Array | None,
+    n_C: Array,
+    ids_C: Array,
+) -> tuple[FedState, RoundResult]:
+    """The lanes' outputs merged and aggregated into the new state and the round's result."""
+    finals = select_rows(owner_C, buffers)
+    server, clients, bad = aggregate_round(alg, state.server, state.clients, finals, n_C)
+    return FedState(server, clients, state.round + 1), RoundResult(*finals[2], bad, ids_C)
+
+
+class SequentialExecutor:
     """``(state, train, key, sizes) -> (state, RoundResult)``, clients one after another in
     each of ``client_threads`` lanes."""
 
-    def __init__(
-        self,
-        alg: Algorithm,
-        *,
-        batch_size: int,
-        local_epochs: int,
-        steps_per_call: int = 1,
-        client_threads: int | None = None,
-    ) -> None:
-        threads = default_client_threads() if client_threads is None else client_threads
-        if steps_per_call < 1 or threads < 1:
-            raise ValueError(
-                f"steps_per_call and client_threads must be >= 1, got {steps_per_call} and "
-                f"{threads}."
-            )
+    exact_sizes = True  # compiles per N_max bucket and call kind, never per size
+
+    def __init__(self, alg: Algorithm, options: RoundOptions) -> None:
+        batch_size, local_epochs = options.batch_size, options.local_epochs
         self.alg, self.batch_size, self.epochs = alg, batch_size, local_epochs
-        self.steps_per_call, self.client_threads = steps_per_call, threads
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.steps_per_call = options.steps_per_call or 1
+        self.client_threads = options.client_threads or default_client_threads()
         self._compiled: set[tuple] = set()  # call kinds (and data shapes) compiled
         self._compile_lock = threading.Lock()
-
-        def begin(state: FedState, num_clients: int, num_lanes: int) -> tuple[Any, ...]:
-            """Each lane's stacked output buffer: the first holds the outputs every client
-            starts from (a client with no data reports its starting model and keeps its
-            state), the others zeros (only the rows of their lane's clients are read)."""
-            start = jax.vmap(
-                lambda cl: alg.client_final(alg.client_init(state.server, cl)),
-                axis_size=num_clients,  # clients may be an empty tree (fedavg)
-            )
-            finals = start(state.clients)
-            spare = tuple(jax.tree.map(jnp.zeros_like, finals) for _ in range(num_lanes - 1))
-            return (finals, *spare)
-
-        def call(
-            num: int,
-            masked: bool,
-            opens: bool,
-            closes: bool,
-            state: FedState | None,
-            carry: Any,
-            finals: Outputs | None,
-            x_CN: Any,
-            y_CN: Any,
-            idx_CSB: Array,
-            mask_CSB: Array,
-            key: Array,
-            ids_C: Array,
-            c: Array,
-            s: Array,
-            c_next: Array | None,
-        ) -> Any:
-            """``num`` steps of client ``c`` from step ``s``. ``opens``: start client ``c``
-            from the state first (a lane's first client); ``closes``: then write its outputs
-            into the donated ``finals`` and start client ``c_next`` (returns both)."""
-            if opens:
-                carry = alg.client_init(state.server, take_client(state.clients, c))
-            if num:
-                idx_SB = jax.lax.dynamic_slice_in_dim(idx_CSB[c], s, num)
-                mask_SB = jax.lax.dynamic_slice_in_dim(mask_CSB[c], s, num)
-                full = 0 if masked else num
-                x_N, y_N = jax.tree.map(lambda a: a[c], (x_CN, y_CN))
-                carry = local_steps(
-                    alg.client_step,
-                    carry,
-                    x_N,
-                    y_N,
-                    idx_SB,
-                    mask_SB,
-                    full=full,
-                    key=client_key(key, ids_C[c]),
-                    first=s,
-                )
-            if not closes:
-                return carry
-            finals = put_client(finals, c, alg.client_final(carry))
-            return finals, alg.client_init(state.server, take_client(state.clients, c_next))
-
-        def finish(
-            state: FedState, buffers: tuple[Outputs, ...], owner_C: Array | None, n_C: Array
-        ) -> tuple[FedState, RoundResult]:
-            finals = select_rows(owner_C, buffers)
-            server, clients, bad = aggregate_round(alg, state.server, state.clients, finals, n_C)
-            return FedState(server, clients, state.round + 1), RoundResult(*finals[2], bad)
-
         # Built once: rounds never re-trace. ``finals`` is donated, so writing a client's
         # outputs into it is in place, and compile cost does not grow with the cohort.
-        self._begin = jax.jit(begin, static_argnums=(1, 2))
+        self._begin = jax.jit(functools.partial(begin_buffers, alg), static_argnums=(1, 2))
         # The shuffle is integer arithmetic and sorting only, so a lower LLVM level gives the
         # same bits by construction, and compiles faster (``docs/startup.md``).
         self._shuffle = jax.jit(
@@ -175,14 +204,20 @@ class SequentialRound:
             static_argnums=2,
             compiler_options=init_compiler_options(),
         )
-        self._call = jax.jit(call, static_argnums=(0, 1, 2, 3), donate_argnums=6)
+        self._call = jax.jit(
+            functools.partial(client_call, alg), static_argnums=0, donate_argnums=3
+        )
         # Not donated: the stacked outputs share no shape with the new state's leaves, so XLA
         # could reuse few of them (jax warns "Some donated buffers were not usable").
-        self._finish = jax.jit(finish)
+        self._finish = jax.jit(functools.partial(finish_round, alg))
         self._schedule = functools.lru_cache(maxsize=64)(self._build_schedule)
         self._ids = functools.lru_cache(maxsize=8)(
             lambda num: jax.device_put(np.arange(num, dtype=np.int32))
         )
+
+    def padded_fraction(self, sizes: tuple[int, ...], n_max: int) -> float:
+        """0: no-op steps are skipped, not run."""
+        return 0.0
 
     def _build_schedule(
         self, sizes: tuple[int, ...], n_max: int, budget: tuple[int, ...] | None
@@ -194,7 +229,7 @@ class SequentialRound:
             dispatches(schedule(n, n_max, self.batch_size, self.epochs, self.steps_per_call, b))
             for n, b in zip(sizes, per_client, strict=True)
         )
-        steps = [sum(d[1] for d in p) for p in plans]
+        steps = [sum(d.steps for d in p) for p in plans]
         groups = lanes(steps, self.client_threads)
         if self.client_threads == 1:
             return plans, groups, None
@@ -204,28 +239,34 @@ class SequentialRound:
         return plans, groups, jax.device_put(owner)
 
     def _dispatch(
-        self, d: Dispatch, c: int, c_next: int, state: FedState, carry: Any, finals: Any, run: tuple
+        self,
+        d: Dispatch,
+        c: int,
+        c_next: int,
+        state: FedState,
+        carry: Any,
+        finals: Any,
+        run: tuple[RoundData, tuple],
     ) -> Any:
         """One jitted call for client ``c``; a kind's first call (the one that compiles) holds a
         lock, so two lanes never trace and compile the same program twice. ``run``: the round's
         data and its shapes (part of what a kind is: cohort buckets change them)."""
-        s, num, masked, opens, closes = d
+        kind = CallKind(d.steps, d.masked, d.opens, d.closes)
         data, shapes = run
         args = (
-            state if opens or closes else None,
+            state if d.opens or d.closes else None,
             carry,
-            finals if closes else None,
-            *data,
+            finals if d.closes else None,
+            data,
             c,
-            s,
-            c_next if closes else None,
+            d.first,
+            c_next if d.closes else None,
         )
-        kind = (num, masked, opens, closes, shapes)
-        if kind in self._compiled:
-            return self._call(num, masked, opens, closes, *args)
+        if (kind, shapes) in self._compiled:
+            return self._call(kind, *args)
         with self._compile_lock:
-            out = self._call(num, masked, opens, closes, *args)
-            self._compiled.add(kind)
+            out = self._call(kind, *args)
+            self._compiled.add((kind, shapes))
         return out
 
     def _run_lane(
@@ -241,7 +282,7 @@ class SequentialRound:
             c_next = members[(i + 1) % len(members)]
             for d in plans[c]:
                 out = self._dispatch(d, c, c_next, state, carry, finals, run)
-                if d[4]:
+                if d.closes:
                     finals, carry = out
                 else:
                     carry = out
@@ -265,18 +306,15 @@ class SequentialRound:
             batches = self._shuffle(key, train.n, n_max)
         idx_CSB, mask_CSB = batches
         buffers = self._begin(state, len(sizes), len(groups))
-        data = (train.x, train.y, idx_CSB, mask_CSB, key, ids_C)
+        data = RoundData(train.x, train.y, idx_CSB, mask_CSB, key, ids_C)
         shapes = jax.tree.map(jnp.shape, (train.x, train.y))
         run = (data, (str(shapes), idx_CSB.shape))
         if len(groups) == 1:
             buffers = (self._run_lane(groups[0], plans, state, run, buffers[0]),)
         else:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.client_threads - 1, thread_name_prefix="fedjax_bn-client"
-                )
+            pool = lane_pool(self.client_threads - 1)
             jobs = {
-                k: self._pool.submit(self._run_lane, groups[k], plans, state, run, buffers[k])
+                k: pool.submit(self._run_lane, groups[k], plans, state, run, buffers[k])
                 for k in range(1, len(groups))
                 if groups[k]
             }
@@ -284,4 +322,4 @@ class SequentialRound:
             rest = (jobs[k].result() if k in jobs else buffers[k] for k in range(1, len(groups)))
             buffers = (first, *rest)
         weights = train.n if budget is None else budget_weights(train.n, jnp.asarray(budget))
-        return self._finish(state, buffers, owner, weights)
+        return self._finish(state, buffers, owner, weights, ids_C)

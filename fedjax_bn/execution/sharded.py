@@ -27,7 +27,7 @@ processes on one machine and checks them against one process.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -35,9 +35,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fedjax_bn.algorithms.base import Algorithm, FedState
 from fedjax_bn.data import ClientArrays
-from fedjax_bn.execution.lockstep import GroupRunner, Inputs, Outputs, run_clients
+from fedjax_bn.execution.lockstep import (
+    GroupRunner,
+    Inputs,
+    LockstepExecutor,
+    Outputs,
+    default_local_loop,
+    run_clients,
+)
 from fedjax_bn.execution.loop import LocalLoop
 from fedjax_bn.execution.plan import Group
+
+if TYPE_CHECKING:
+    from fedjax_bn.execution.options import RoundOptions
 
 CLIENTS = "clients"
 
@@ -104,3 +114,14 @@ def sharded_runner(
         return body(server, inputs)
 
     return run
+
+
+class ShardedExecutor(LockstepExecutor):
+    """``sharded``: the lockstep round with each group's clients split over ``options.mesh``
+    (default: every device), ``options.chunk_size`` at a time per device (default: all)."""
+
+    def __init__(self, alg: Algorithm, options: RoundOptions) -> None:
+        mesh = options.mesh or client_mesh()
+        loop = options.loop or default_local_loop()
+        run_group = sharded_runner(mesh, alg, loop, options.chunk_size)
+        super().__init__(alg, run_group, options, mesh, lambda state: constrain_state(state, mesh))

@@ -1,4 +1,6 @@
-"""One test per defect of the issue: each checks the fixed behaviour, never a golden number.
+"""Edge inputs: a model with a ``train`` default or without BatchNorm, clients with no data,
+zero total weight, labels out of range, given initial variables, hand-built client arrays.
+Each test checks the behaviour, never a golden number.
 
 Models are dense-only (cheap to compile); data are hand-built ``ClientArrays`` or per-client
 arrays, so every case states exactly what it feeds the library.
@@ -69,7 +71,7 @@ def client_data(seed: int, train_sizes: tuple[int, ...], test_sizes: tuple[int, 
 
 
 @pytest.mark.parametrize("policy", ["silobn", "fedbn"])
-def test_evaluate_global_without_batch_norm(policy: str) -> None:
+def test_a_model_without_batch_norm_has_a_global_model_under_every_policy(policy: str) -> None:
     """A model with no BN layer has a global model under every policy: under fedbn it is the
     shared parameters (the whole model), under silobn shared + nothing to pool."""
     data = fb.data.from_client_arrays(*client_data(0, (5, 3), (4, 2)), num_classes=NUM_CLASSES)
@@ -90,7 +92,7 @@ ZERO_EXECUTORS = ("sequential", "vmap", "chunked")
 
 
 @pytest.mark.parametrize("executor", ZERO_EXECUTORS)
-def test_round_with_only_empty_clients_raises(executor: str) -> None:
+def test_a_round_of_only_empty_clients_raises_before_training(executor: str) -> None:
     """Every client with zero examples: a ValueError mentioning zero, before any training."""
     alg = fb.fedavg(CounterModel(), sgd())
     state = alg.init(jax.random.key(0), SAMPLE_X, 2)
@@ -104,7 +106,7 @@ def test_round_with_only_empty_clients_raises(executor: str) -> None:
         rnd(state, train, jax.random.key(0))
 
 
-def test_pooled_moments_with_zero_weights_raises() -> None:
+def test_zero_total_weight_is_refused_by_pooling_and_averaging() -> None:
     """pooled_moments refuses all-zero weights as weighted_mean does."""
     mean_CX, var_CX = jnp.ones((2, 3)), jnp.ones((2, 3))
     with pytest.raises(ValueError, match="Total client weight is zero"):
@@ -128,7 +130,7 @@ def labelled(y: np.ndarray, n: tuple[int, ...]) -> ClientArrays:
 
 @pytest.mark.parametrize("executor", ["sequential", "vmap"])
 @pytest.mark.parametrize("bad", [NUM_CLASSES, -1, 100])
-def test_labels_out_of_range_raise_before_training(executor: str, bad: int) -> None:
+def test_real_labels_out_of_range_raise_padded_ones_are_ignored(executor: str, bad: int) -> None:
     """A real label outside [0, num_classes) raises naming the range; arbitrary labels in
     padded positions (past a client's size) do not, and the round runs."""
     alg, rnd = dense_round(executor)
@@ -148,7 +150,7 @@ def test_labels_out_of_range_raise_before_training(executor: str, bad: int) -> N
 
 
 @pytest.mark.parametrize("policy", ["fedavg", "fedbn"])
-def test_init_takes_given_variables(policy: str) -> None:
+def test_init_from_given_variables_starts_every_part_from_them(policy: str) -> None:
     """``alg.init(variables, ...)`` starts from them: the state's shared leaves are theirs."""
     model = CounterModel()
     alg = fb.make_algorithm(model, sgd(), policy=policy)
@@ -168,7 +170,7 @@ def test_init_takes_given_variables(policy: str) -> None:
         np.testing.assert_array_equal(flatten(state.clients.local)[path][1], leaf)
 
 
-def test_init_rejects_wrong_given_variables() -> None:
+def test_init_names_a_wrong_or_missing_given_leaf() -> None:
     """A wrong-shaped or missing leaf in the given variables raises naming its path."""
     model = CounterModel()
     alg = fb.fedavg(model, sgd())
@@ -183,7 +185,7 @@ def test_init_rejects_wrong_given_variables() -> None:
         alg.init(missing, SAMPLE_X, 2)
 
 
-def test_from_client_arrays_builds_federated_data() -> None:
+def test_from_client_arrays_pads_with_zeros_and_refuses_bad_labels() -> None:
     """Sizes, zero padding past each client's size, labels in place, test clients may be
     empty; an out-of-range label and a client without train examples are refused."""
     train_xs, train_ys, test_xs, test_ys = client_data(1, (3, 5, 1), (2, 0, 4))
