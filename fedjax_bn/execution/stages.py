@@ -82,12 +82,16 @@ class Stages:
             self._impls[index] = build_executor(self.executor, alg, self.options)
         return self._impls[index]
 
-    def with_bytes(self, state: FedState, result: RoundResult, population: int) -> RoundResult:
-        """``result`` with each slot's uplink and downlink bytes (``compress/wire.py``; the
-        bytes one client sends and receives are read from ``state``'s shapes once)."""
+    def wire(self, state: FedState) -> WireBytes:
+        """The bytes one client sends and receives a round, read from ``state``'s shapes at
+        the first call (before any executor may donate its buffers)."""
         if self._wire is None:
             self._wire = client_bytes(self.alg, state)
-        up, down = slot_bytes(self._wire, result.num_seen, result.clients, population)
+        return self._wire
+
+    def with_bytes(self, wire: WireBytes, result: RoundResult, population: int) -> RoundResult:
+        """``result`` with each slot's uplink and downlink bytes (``compress/wire.py``)."""
+        up, down = slot_bytes(wire, result.num_seen, result.clients, population)
         return result._replace(uplink_bytes=up, downlink_bytes=down)
 
     def draw_budget(self, key: Array, round_: Array, num_clients: int) -> np.ndarray | None:
