@@ -16,6 +16,7 @@ FINAL_METRICS = ("global_acc", "client_acc", "train_loss", "bn_div", "probe_div"
 # Columns every history row has; any other ``train_<name>``/``global_<name>`` is a task metric.
 BUILTIN_COLUMNS = frozenset({"train_loss", "train_acc", "global_loss", "global_acc"})
 DP_METRICS = ("epsilon", "dp_clip")  # DP runs only: epsilon after the round, the clip it set
+WIRE_COLUMNS = ("uplink_bytes", "downlink_bytes")  # per round; a run's summary holds the sums
 
 
 def dp_columns(rows: Iterable[Row]) -> list[str]:
@@ -62,7 +63,8 @@ def last_value(rows: Sequence[Row], key: str) -> float | None:
 
 
 def run_summary(rows: Sequence[Row]) -> Row:
-    """Final metrics of one run; ``sec_per_round`` excludes round 1 (it compiles)."""
+    """Final metrics of one run; ``sec_per_round`` excludes round 1 (it compiles); the total
+    uplink and downlink bytes over its rounds."""
     seconds = [r["seconds"] for r in rows]
     steady = seconds[1:] or seconds
     keys = (*FINAL_METRICS, *metric_columns(rows), *dp_columns(rows))
@@ -77,6 +79,7 @@ def run_summary(rows: Sequence[Row]) -> Row:
         wall_sec=rows[-1]["wall"],
         bn_div_source=rows[-1].get("bn_div_source"),
     )
+    out.update({k: sum(r[k] for r in rows) for k in WIRE_COLUMNS if k in rows[0]})
     return out
 
 

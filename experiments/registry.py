@@ -20,7 +20,7 @@ import ml_collections
 import optax
 
 import fedjax_bn as fb
-from experiments import privacy
+from experiments import compression, privacy
 from fedjax_bn import data as fbd
 from fedjax_bn.data import augment
 from fedjax_bn.recalibrate import fedavg_batch_stats_only
@@ -64,13 +64,17 @@ LOSSES: dict[str, Callable[[Config], dict[str, Any]]] = {
 def _common(config: Config) -> dict[str, Any]:
     """Options every factory takes: ``clip_norm`` when ``config.clip_norm`` is set (> 0),
     ``augment`` when ``config.augment`` names one, ``loss``/``metrics`` for a non-default
-    ``config.loss``, ``dp`` when ``config.dp.enabled``."""
+    ``config.loss``, ``dp`` when ``config.dp.enabled``, ``compress`` for
+    ``config.compress.spec``."""
     out: dict[str, Any] = {"clip_norm": config.clip_norm} if config.clip_norm else {}
     if config.augment:
         out["augment"] = lookup(AUGMENTS, config.augment, "augment")
     out.update(lookup(LOSSES, config.loss, "loss function")(config))
     if privacy.enabled(config):
         out["dp"] = privacy.gaussian(config)
+    compressor = compression.from_config(config)
+    if compressor is not None:
+        out["compress"] = compressor
     return out
 
 
@@ -298,8 +302,14 @@ def build_optimizer(config: Config) -> optax.GradientTransformation:
 def build_algorithm(
     name: str, model: nn.Module, tx: optax.GradientTransformation, config: Config
 ) -> fb.Algorithm:
-    """Algorithm ``name`` from its library factory, with ``config.mu`` where it takes one."""
-    return lookup(ALGORITHMS, name, "algorithm")(model, tx, config)
+    """Algorithm ``name`` from its library factory, with ``config.mu`` where it takes one; a
+    ``+spec`` after the name (``fedavg+q4``) compresses what its clients send
+    (``experiments/compression.py``), as ``config.compress.spec`` does for every algorithm."""
+    base, spec = compression.split(name)
+    factory = lookup(ALGORITHMS, base, "algorithm")
+    if not spec:
+        return factory(model, tx, config)
+    return factory(model, tx, compression.with_spec(config, spec))._replace(name=name)
 
 
 def build_setting(name: str, config: Config, seed: int) -> fbd.FederatedData:

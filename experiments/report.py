@@ -21,6 +21,7 @@ from experiments.history import (  # noqa: F401  (re-exported: report.read_histo
     BN_SOURCES,
     BUILTIN_COLUMNS,
     FINAL_METRICS,
+    WIRE_COLUMNS,
     Row,
     clean,
     dp_columns,
@@ -52,6 +53,7 @@ def aggregate(runs: Sequence[Row]) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for (setting, alg), group in groups.items():
         metrics = (*FINAL_METRICS, *metric_columns(group), *dp_columns(group), "sec_per_round")
+        metrics += tuple(k for k in WIRE_COLUMNS if k in group[0])
         out[setting][alg] = {m: mean_std(r.get(m) for r in group) for m in metrics}
         out[setting][alg]["seeds"] = [r["seed"] for r in group]
         out[setting][alg]["bn_div_source"] = group[-1]["bn_div_source"]

@@ -67,7 +67,9 @@ def round_row(
 ) -> Row:
     """One round's history row from its result: training loss and metrics over the clients
     that were not quarantined (weighted by examples seen), the cohort, BN divergences; the
-    evaluation columns are None until :func:`evaluate_row` fills them."""
+    evaluation columns are None until :func:`evaluate_row` fills them. ``uplink_bytes``: what
+    the clients that trained sent; ``downlink_bytes``: the broadcast to the cohort (from
+    the round result, ``fedjax_bn/compress/wire.py``)."""
     ids = np.asarray(result.clients)
     div = run.measure(*monitor_view(state, *probe, ids, config))
     weights = result.num_seen * ~result.quarantined
@@ -90,6 +92,8 @@ def round_row(
     }
     for name, values in task_metrics(result.metrics).items():  # beyond accuracy
         row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
+    for name in ("uplink_bytes", "downlink_bytes"):
+        row[name] = int(np.sum(np.asarray(getattr(result, name)), dtype=np.int64))
     return row
 
 

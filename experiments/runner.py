@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 import fedjax_bn as fb
-from experiments import parallel, plots, privacy, registry, report, sweep, train
+from experiments import compression, parallel, plots, privacy, registry, report, sweep, train
 from experiments.configs import base
 from experiments.train import Seeds, derive_seeds, train_run  # noqa: F401  (re-exported)
 from fedjax_bn.execution import EXECUTORS
@@ -180,7 +180,11 @@ def validate(config: Config) -> Config:
     for name in config.settings:
         registry.lookup(registry.SETTINGS, name, "setting")
     for name in config.algorithms:
-        registry.lookup(registry.ALGORITHMS, name, "algorithm")
+        registry.lookup(registry.ALGORITHMS, compression.split(name)[0], "algorithm")
+        try:
+            compression.build(compression.spec_of(name, config))
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from e
     if config.augment:  # '' is none
         registry.lookup(registry.AUGMENTS, config.augment, "augment")
     registry.lookup(registry.LOSSES, config.loss, "loss function")

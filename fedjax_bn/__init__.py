@@ -1,6 +1,6 @@
 """fedjax_bn: functional JAX federated learning for models with BatchNorm, done right."""
 
-from fedjax_bn import aggregators, budgets, privacy, robust, sampling
+from fedjax_bn import aggregators, budgets, compress, compression, privacy, robust, sampling
 from fedjax_bn.adapt import adapt_bn
 from fedjax_bn.aggregate import pooled_moments, weighted_mean
 from fedjax_bn.algorithms import (
@@ -53,6 +53,8 @@ def __getattr__(name: str):  # NnxCNN loads flax.nnx only when asked for
 __all__ = [
     "aggregators",
     "budgets",
+    "compress",
+    "compression",
     "privacy",
     "robust",
     "sampling",

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bn.algorithms.base import Algorithm, FedState, stage_at
+from fedjax_bn.compress.wire import WireBytes, client_bytes, slot_bytes
 from fedjax_bn.data import ClientArrays
 from fedjax_bn.execution.executor import RoundResult
 from fedjax_bn.execution.lockstep import (
@@ -106,6 +107,7 @@ class RunsRound:
         self._rounds: dict[int, Any] = {}  # one jitted round per stage of the algorithm
         self._sizes_of: Array | None = None
         self._sizes: np.ndarray = np.zeros((0, 0), np.int64)
+        self._wire: WireBytes | None = None  # one client's bytes a round, from shapes
 
     def _round_of(self, stage: int, alg: Algorithm) -> Any:
         if stage not in self._rounds:
@@ -152,7 +154,11 @@ class RunsRound:
         n_max = train.n_max if shared else unstack_run(train, 0).n_max  # axis 2 when stacked
         plan = runs_plan(self.sizes(train), self.batch_size, self.local_epochs, n_max)
         stage, alg = stage_at(self.alg, states.round[0])  # runs advance together
-        return self._round_of(stage, alg)(plan, shared, states, train, keys)
+        if self._wire is None:  # read before the round may donate the state's buffers
+            self._wire = client_bytes(self.alg, jax.eval_shape(lambda t: unstack_run(t, 0), states))
+        states, result = self._round_of(stage, alg)(plan, shared, states, train, keys)
+        up, down = slot_bytes(self._wire, result.num_seen, result.clients, np.shape(train.n)[-1])
+        return states, result._replace(uplink_bytes=up, downlink_bytes=down)
 
 
 def vmap_runs(

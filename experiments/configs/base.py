@@ -126,4 +126,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.sweep.dp = ml_collections.ConfigDict()
     c.sweep.dp.noise_multiplier = ""  # DP noise multipliers to sweep (fixed clip only)
     c.sweep.dp.clip_norm = ""  # DP clip norms to sweep (dp.enabled)
+
+    # Compression of what clients send (fedjax_bn.compress, docs/robust_and_compression.md),
+    # for every algorithm; an algorithm named `fedavg+q4` gets its own spec instead.
+    c.compress = ml_collections.ConfigDict()
+    c.compress.spec = ""  # q<bits> | top<k> | stc<k>, optionally ef_-prefixed; "": none
+    c.compress.seed = 0  # stochastic quantization's keys: fold_in(PRNGKey(seed), client)
     return c

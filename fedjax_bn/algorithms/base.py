@@ -75,6 +75,7 @@ class Algorithm(NamedTuple):
     local: Any = None  # the LocalTraining spec where the algorithm has one (models, tests)
     stages: tuple[tuple[int, Any], ...] = ()  # ((first_round, Algorithm), ...), see above
     update_empty: bool = False  # server_update runs even when no client counts (DP's noise)
+    compress: Any = None  # the Compressor of what clients send (fedjax_bn.compress), or None
 
     @property
     def task(self) -> Task:

@@ -70,6 +70,8 @@ def ditto(
     :func:`~fedjax_bn.algorithms.make_algorithm`'s."""
     if lam < 0:
         raise ValueError(f"Ditto lam must be >= 0, got {lam}.")
+    if kw.get("compress") is not None:
+        raise ValueError("compress is not available for ditto yet; use fedavg/fedprox/fedbn.")
     kw.setdefault("policy", "fedavg")
     persist = bool(kw.get("persist_client_optimizer", False))
     base = make_algorithm(model, client_tx, name=name, **kw)
@@ -84,7 +86,8 @@ def ditto(
         return state._replace(clients=DittoClient(clients.local, clients.opt_state, *extra))
 
     def client_init(server: Any, client: DittoClient) -> DittoCarry:
-        carry = base.client_init(server, ClientState(client.local, client.opt_state))
+        fedavg_client = ClientState(local=client.local, opt_state=client.opt_state)
+        carry = base.client_init(server, fedavg_client)
         personal = client_lib.init_state(pspec, client.personal, client.personal_opt)
         hyper = getattr(server, "hyper", None) or {}
         if personal_tx is None and "client" in hyper:  # one client_tx: one swept lr for both

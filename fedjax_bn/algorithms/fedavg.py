@@ -28,6 +28,8 @@ from fedjax_bn.algorithms.base import (
     init_variables,
 )
 from fedjax_bn.client import Batch, ClientMetrics, LocalState, LocalTraining
+from fedjax_bn.compress.client import check_compress, compress_shared, init_states
+from fedjax_bn.compress.transforms import Compressor
 from fedjax_bn.hyper import algorithm_hyper, client_hyper, inject
 from fedjax_bn.policy import (
     BN_STATS,
@@ -61,10 +63,12 @@ class ServerState(NamedTuple):
 
 
 class ClientState(NamedTuple):
-    """Per client (leading client axis): local leaves, persistent client optimizer state."""
+    """Per client (leading client axis): local leaves, persistent client optimizer state, the
+    compressor's state (a key, an error-feedback residual; None without ``compress``)."""
 
     local: Variables
     opt_state: Any = None  # None when every round starts a fresh client optimizer
+    compress: Any = None
 
 
 class Message(NamedTuple):
@@ -77,12 +81,15 @@ class Message(NamedTuple):
 
 
 class Carry(NamedTuple):
-    """A client mid-round: its local training state, the FedProx anchor (None if mu=0) and
-    ``mu`` as data (None: the algorithm's constant)."""
+    """A client mid-round: its local training state, the FedProx anchor (None if mu=0),
+    ``mu`` as data (None: the algorithm's constant) and, with ``compress``, the round's global
+    shared leaves and the compressor's state."""
 
     local: LocalState
     anchor: Variables | None
     mu: Array | None = None
+    start: Variables | None = None
+    compress: Any = None
 
 
 def server_tx_init(server_tx: optax.GradientTransformation | None, shared: Variables) -> Any:
@@ -155,6 +162,7 @@ def make_algorithm(
     augment: Augment | None = None,
     train_kw: str = "train",
     dp: Gaussian | None = None,
+    compress: Compressor | None = None,
 ) -> Algorithm:
     """Build an algorithm from a BN policy (``policy.py``) and local/server options.
 
@@ -189,9 +197,15 @@ def make_algorithm(
     ``fedavg`` the BN statistics travel inside the clipped, noised update; under ``fedbn`` and
     ``silobn`` they stay local (``fedjax_bn/privacy/dp_fedavg.py``, ``docs/privacy.md``).
     None (default): no DP, this function's algorithm exactly as without the option.
+
+    ``compress`` (``fedjax_bn.compress``, e.g. ``quantize(bits=4)`` or
+    ``error_feedback(top_k(0.01))``): each client's update of the shared float leaves is sent
+    compressed; its state (key, residual) stays in ``ClientState.compress`` between rounds.
+    BN statistics and integer leaves travel uncompressed. None: nothing compressed, as before.
     """
     check_policy(policy)
     check_dp(dp, clip_norm=clip_norm, normalize=normalize, aggregator=aggregator)
+    check_compress(compress, dp)
     task = make_task(model, loss=loss, metrics=metrics, augment=augment, train_kw=train_kw)
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
@@ -212,7 +226,8 @@ def make_algorithm(
         server = ServerState(
             parts.shared, parts.pooled, server_tx_init(server_tx, parts.shared), hyper
         )
-        clients = repeat_clients(ClientState(parts.local, opt), num_clients)
+        clients = repeat_clients(ClientState(local=parts.local, opt_state=opt), num_clients)
+        clients = clients._replace(compress=init_states(compress, parts.shared, num_clients))
         return FedState(server, clients, jnp.zeros((), jnp.int32))
 
     def client_init(server: ServerState, client: ClientState) -> Carry:
@@ -221,7 +236,10 @@ def make_algorithm(
         hyper = server.hyper or {}
         if "client" in hyper:  # the client optimizer's values as data, this round's
             local = local._replace(opt_state=inject(local.opt_state, hyper["client"]))
-        return Carry(local, server.shared if mu else None, hyper.get("mu") if mu else None)
+        carry = Carry(local, server.shared if mu else None, hyper.get("mu") if mu else None)
+        if compress is None:
+            return carry
+        return carry._replace(start=server.shared, compress=client.compress)
 
     def client_step(carry: Carry, batch: Batch) -> Carry:
         local = client_lib.train_step(spec, carry.anchor, carry.local, batch, mu=carry.mu)
@@ -232,7 +250,12 @@ def make_algorithm(
         opt = carry.local.opt_state if persist_client_optimizer else None
         metrics = client_lib.metrics(carry.local)
         steps = carry.local.steps if normalize else None
-        return Message(parts.shared, parts.pooled, steps), ClientState(parts.local, opt), metrics
+        shared, state = parts.shared, None
+        if compress is not None:
+            sent = carry.local.steps > 0
+            shared, state = compress_shared(compress, carry.start, shared, carry.compress, sent)
+        client = ClientState(local=parts.local, opt_state=opt, compress=state)
+        return Message(shared, parts.pooled, steps), client, metrics
 
     def server_update(server: ServerState, messages: Message, weights_C: Array) -> ServerState:
         check_same_structure(
@@ -263,7 +286,16 @@ def make_algorithm(
 
     label = name or (policy if mu == 0 else f"{policy}+prox")
     alg = Algorithm(
-        label, policy, model, init, client_init, client_step, client_final, server_update, spec
+        label,
+        policy,
+        model,
+        init,
+        client_init,
+        client_step,
+        client_final,
+        server_update,
+        spec,
+        compress=compress,
     )
     if dp is None:
         return alg

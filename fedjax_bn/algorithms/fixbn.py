@@ -222,4 +222,5 @@ def _fixbn_functions(
         client_final,
         server_update,
         train_spec,
+        compress=base.compress,
     )

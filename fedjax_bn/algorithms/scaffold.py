@@ -51,11 +51,23 @@ class ScaffoldServer(NamedTuple):
 
 
 class ScaffoldClient(NamedTuple):
-    """Per client: FedAvg's client state plus its control variate ``c_i``."""
+    """Per client: FedAvg's client state plus its control variate ``c_i`` (built by field
+    name from FedAvg's, so a field added there cannot shift these)."""
 
     local: Variables
     opt_state: Any
     control: Variables
+    compress: Any = None  # FedAvg's ClientState.compress
+
+
+def _server(server: ScaffoldServer) -> ServerState:
+    """FedAvg's view of the SCAFFOLD server (no ``hyper``: SCAFFOLD keeps its constants)."""
+    return ServerState(**{f: getattr(server, f) for f in ServerState._fields if f != "hyper"})
+
+
+def _client(client: ScaffoldClient) -> ClientState:
+    """FedAvg's view of a SCAFFOLD client."""
+    return ClientState(**{f: getattr(client, f) for f in ClientState._fields})
 
 
 class ScaffoldMessage(NamedTuple):
@@ -107,18 +119,20 @@ def scaffold(
         state = base.init(rng_or_variables, sample_x, num_clients)
         control = _control_like(state.server.shared)
         # FedAvg's hyper is dropped: the control variates use the client lr given here.
-        base_server, n = state.server, jnp.asarray(num_clients, jnp.int32)
         server = ScaffoldServer(
-            base_server.shared, base_server.pooled, base_server.opt_state, control, n
+            shared=state.server.shared,
+            pooled=state.server.pooled,
+            opt_state=state.server.opt_state,
+            control=control,
+            num_clients=jnp.asarray(num_clients, jnp.int32),
         )
-        clients = ScaffoldClient(*state.clients, repeat_clients(control, num_clients))
+        clients = ScaffoldClient(
+            **state.clients._asdict(), control=repeat_clients(control, num_clients)
+        )
         return FedState(server, clients, state.round)
 
     def client_init(server: ScaffoldServer, client: ScaffoldClient) -> ScaffoldCarry:
-        carry = base.client_init(
-            ServerState(server.shared, server.pooled, server.opt_state),
-            ClientState(client.local, client.opt_state),
-        )
+        carry = base.client_init(_server(server), _client(client))
         correction = jax.tree.map(jnp.subtract, server.control, client.control)
         # c = c_i + correction, so the server's c need not travel with the carry.
         return ScaffoldCarry(carry, server.shared, correction, client.control)
@@ -142,15 +156,13 @@ def scaffold(
         delta = {p: jnp.where(steps > 0, new[p] - flat_c[p], 0.0) for p in flat_c}
         control = unflatten({p: flat_c[p] + delta[p] for p in flat_c})
         message = ScaffoldMessage(msg.shared, msg.pooled, unflatten(delta))
-        return message, ScaffoldClient(client.local, client.opt_state, control), metrics
+        return message, ScaffoldClient(**client._asdict(), control=control), metrics
 
     def server_update(
         server: ScaffoldServer, messages: ScaffoldMessage, weights_C: Array
     ) -> ScaffoldServer:
         new = base.server_update(
-            ServerState(server.shared, server.pooled, server.opt_state),
-            Message(messages.shared, messages.pooled),
-            weights_C,
+            _server(server), Message(shared=messages.shared, pooled=messages.pooled), weights_C
         )
         took_part = (jnp.asarray(weights_C) > 0).astype(jnp.float32)
         fraction = jnp.sum(took_part) / server.num_clients.astype(jnp.float32)
@@ -160,8 +172,23 @@ def scaffold(
             return c + fraction * jnp.tensordot(per_client, d_C.astype(jnp.float32), axes=1)
 
         control = jax.tree.map(move, server.control, messages.delta_control)
-        return ScaffoldServer(new.shared, new.pooled, new.opt_state, control, server.num_clients)
+        return ScaffoldServer(
+            shared=new.shared,
+            pooled=new.pooled,
+            opt_state=new.opt_state,
+            control=control,
+            num_clients=server.num_clients,
+        )
 
     return Algorithm(
-        name, base.policy, model, init, client_init, client_step, client_final, server_update, spec
+        name,
+        base.policy,
+        model,
+        init,
+        client_init,
+        client_step,
+        client_final,
+        server_update,
+        spec,
+        compress=base.compress,
     )

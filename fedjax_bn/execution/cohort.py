@@ -154,8 +154,10 @@ class CohortRound:
         run_key = jax.random.fold_in(key, EXECUTOR_STREAM)
         budget = cohort_budget(self.stages.draw_budget(key, state.round, num), ids)
         planned = plan_sizes(sizes, hi, impl.exact_sizes)
+        wire = self.stages.wire(sub)
         new, result = impl(sub, cohort, run_key, planned, None, budget, ids)
         population = store.scatter(population, ids, new.clients, num, in_place=self.donate_state)
+        result = self.stages.with_bytes(wire, result, num)
         return FedState(new.server, population, new.round), result
 
 

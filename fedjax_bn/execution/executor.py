@@ -25,13 +25,17 @@ class RoundResult(NamedTuple):
     mean (``metrics[name]``), examples seen; ``quarantined`` marks clients whose update or loss
     was not finite (dropped from the aggregation, state not written); ``clients`` the slots'
     population ids (``arange(C)`` when every client trains; in a cohort round sorted, an id
-    equal to the population size ``N`` is an empty slot)."""
+    equal to the population size ``N`` is an empty slot); ``uplink_bytes`` what each slot sent
+    (0 where it took no step), ``downlink_bytes`` what it received (0 for an empty slot), int32,
+    from shapes alone (``fedjax_bn/compress/wire.py``), filled in by the round functions."""
 
     loss: Array
     metrics: dict[str, Array]
     num_seen: Array
     quarantined: Array
     clients: Array
+    uplink_bytes: Array | None = None
+    downlink_bytes: Array | None = None
 
     @property
     def accuracy(self) -> Array:

@@ -74,7 +74,9 @@ class Round:
                 )
         budget = self.stages.draw_budget(key, state.round, len(sizes))
         impl = self.stages.executor_for(len(sizes), state.round)
-        return impl(state, train, key, sizes, batches, budget)
+        wire = self.stages.wire(state)
+        new, result = impl(state, train, key, sizes, batches, budget)
+        return new, self.stages.with_bytes(wire, result, len(sizes))
 
     def batch_shape(self, train: ClientArrays) -> tuple[int, int, int]:
         """The ``[C, S, B]`` shape of a round's batch indices for ``train``."""

@@ -12,9 +12,10 @@ import jax
 import numpy as np
 
 from fedjax_bn import budgets
-from fedjax_bn.algorithms.base import Algorithm, stage_at, task_of
+from fedjax_bn.algorithms.base import Algorithm, FedState, stage_at, task_of
+from fedjax_bn.compress.wire import WireBytes, client_bytes, slot_bytes
 from fedjax_bn.data import ClientArrays, check_client_labels
-from fedjax_bn.execution.executor import Executor
+from fedjax_bn.execution.executor import Executor, RoundResult
 from fedjax_bn.execution.options import RoundOptions
 from fedjax_bn.execution.registry import build_executor, choose_executor
 from fedjax_bn.execution.streams import BUDGET_STREAM
@@ -49,6 +50,7 @@ class Stages:
         self._sizes: tuple[int, ...] = ()
         self._impls: dict[int, Executor] = {}  # one per stage of the algorithm
         self._num_outputs: dict[Any, int | None] = {}
+        self._wire: WireBytes | None = None  # bytes per client, from the first state's shapes
 
     def sizes(self, train: ClientArrays) -> tuple[int, ...]:
         """Host copy of the clients' sizes, read and checked once per ``train.n`` array."""
@@ -79,6 +81,18 @@ class Stages:
         if index not in self._impls:
             self._impls[index] = build_executor(self.executor, alg, self.options)
         return self._impls[index]
+
+    def wire(self, state: FedState) -> WireBytes:
+        """The bytes one client sends and receives a round, read from ``state``'s shapes at
+        the first call (before any executor may donate its buffers)."""
+        if self._wire is None:
+            self._wire = client_bytes(self.alg, state)
+        return self._wire
+
+    def with_bytes(self, wire: WireBytes, result: RoundResult, population: int) -> RoundResult:
+        """``result`` with each slot's uplink and downlink bytes (``compress/wire.py``)."""
+        up, down = slot_bytes(wire, result.num_seen, result.clients, population)
+        return result._replace(uplink_bytes=up, downlink_bytes=down)
 
     def draw_budget(self, key: Array, round_: Array, num_clients: int) -> np.ndarray | None:
         """This round's host budgets for ``num_clients`` clients (None without a budget), from
