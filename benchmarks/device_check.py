@@ -1,6 +1,6 @@
 """A short, time-boxed check of the library on whatever device jax finds (a script, not a test).
 
-Writes one JSON file with three sections:
+Writes one JSON file with four sections:
 
 - ``device``: backend, device kind(s), device count, jax / jaxlib versions;
 - ``throughput``: seconds per round and examples/s of FedAvg rounds of SeedCNN (widths (32, 64),
@@ -14,10 +14,14 @@ Writes one JSON file with three sections:
   Adam 5e-4 with coupled L2 1e-4, batch 32, ``augment.cifar_standard()``) on synthetic data of
   the real shapes: per-round seconds and losses (with a finiteness check).
 
+- ``parallel_runs``: S seeds of the digits workload as one batched federation
+  (``fb.vmap_runs``) against the same runs one by one, per-run round times and speedups
+  (``benchmarks/parallel_runs.py``; S = 1, 2, 4, 8).
+
 Order: the smallest cohort of SeedCNN, the CIFAR-100 setting, the smallest cohort of ResNet18,
-then the larger cohorts; a measurement starts only while the elapsed time plus its estimate (from
-the entries of the same model already measured) stays within ``--budget``, so the budget cuts the
-costliest entries and every section keeps a measurement.
+the parallel runs, then the larger cohorts; a measurement starts only while the elapsed time
+plus its estimate (from the entries of the same model already measured) stays within
+``--budget``, so the budget cuts the costliest entries and every section keeps a measurement.
 
 The JSON is rewritten after every entry (``"complete": false`` until the end), so a run cut
 short by a hard timeout still leaves what it measured. ``--tiny`` (the default on a CPU backend
@@ -47,6 +51,7 @@ import numpy as np
 import optax
 
 import fedjax_bn as fb
+from benchmarks import parallel_runs
 from fedjax_bn.data import ClientArrays, augment
 
 # Seconds count from the wrapper's start where it passes one (DEVICE_CHECK_T0, epoch seconds), so
@@ -68,6 +73,7 @@ FULL = dict(
     examples_per_client=64,
     timed_rounds=3,
     seed_cifar100=dict(widths=(64, 128, 256), hidden=256, clients=10, examples=5000, rounds=3),
+    parallel_runs=dict(runs=(1, 2, 4, 8), rounds=3, executors=("sequential", "vmap"), work={}),
     budget_s=380.0,  # the wrapper's hard timeout: 450 s
 )
 TINY = dict(
@@ -77,6 +83,9 @@ TINY = dict(
     examples_per_client=8,
     timed_rounds=2,
     seed_cifar100=dict(widths=(8,), hidden=16, clients=4, examples=64, rounds=2),
+    parallel_runs=dict(
+        runs=(1, 2), rounds=1, executors=("vmap",), work=dict(clients=4, widths=(8,), hidden=16)
+    ),
     # On 2 CPU cores ResNet18's first entry (~20 s of compile) uses up the budget: the rest of
     # ResNet18 and the 8-client cohort are skipped, and the check takes about a minute.
     budget_s=55.0,
@@ -281,6 +290,27 @@ def seed_cifar100(cfg: dict, budget_s: float, report: dict, save: Callable[[], N
     return out
 
 
+def parallel_runs_entry(pc: dict, budget_s: float) -> dict:
+    """S digits runs batched (``fb.vmap_runs``) against the runs one by one
+    (``benchmarks/parallel_runs.py``), timed rounds stopped at the budget; skipped past it."""
+    if elapsed() > budget_s:
+        return dict(skipped=f"time budget: {elapsed():.0f} s elapsed")
+    log("parallel_runs ...")
+    try:
+        out = parallel_runs.measure(
+            list(pc["runs"]),
+            pc["rounds"],
+            list(pc["executors"]),
+            work=pc["work"],
+            deadline=START + budget_s,
+        )
+    except Exception as e:  # noqa: BLE001 - record and go on
+        log(f"parallel_runs failed: {type(e).__name__}: {e}"[:500])
+        return dict(error=f"{type(e).__name__}: {e}"[:2000])
+    log("parallel_runs:\n" + parallel_runs.table(out))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="device_check.json", help="the JSON file to write")
@@ -306,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         complete=False,
         throughput=[],
         seed_cifar100=None,
+        parallel_runs=None,
     )
 
     def save() -> None:
@@ -332,9 +363,15 @@ def main(argv: list[str] | None = None) -> dict:
         if i == 0:
             order.append(("seed_cifar100", None, None))
         order += [("throughput", spec, clients) for spec in models[1:]]
+        if i == 0:
+            order.append(("parallel_runs", None, None))
     rounds = cfg["timed_rounds"]
     data: dict[int, ClientArrays] = {}
     for section, spec, clients in order:
+        if section == "parallel_runs":
+            report["parallel_runs"] = parallel_runs_entry(cfg["parallel_runs"], budget_s)
+            save()
+            continue
         if section == "seed_cifar100":
             if elapsed() > budget_s:
                 report["seed_cifar100"] = dict(skipped=f"time budget: {elapsed():.0f} s elapsed")

@@ -82,7 +82,8 @@ def evaluate_population(
     adapt: bool,
     batch: int,
 ) -> dict[str, Any]:
-    """One evaluation row's client fields: ``client_acc`` over ``ids``, split into seen and
+    """One evaluation row's client fields: ``client_acc`` over ``ids`` (each client's own in
+    ``client_accs``, ``{id: accuracy}``, clients with test data only), split into seen and
     unseen clients, the unseen again after AdaBN (``adapt``, local-BN policies only), and the
     held-out clients."""
     clients = fb.evaluate_clients(alg, state, population, batch, clients=ids)
@@ -90,6 +91,9 @@ def evaluate_population(
     has = clients.count > 0
     row: dict[str, Any] = {
         "client_acc": clients.mean_accuracy,
+        "client_accs": dict(
+            zip(map(str, ids[has]), map(float, clients.accuracy[has]), strict=True)
+        ),
         "eval_clients": len(ids),
         "seen_clients": len(seen),
         "seen_acc": _mean(clients.accuracy, was_seen & has),

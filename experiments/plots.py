@@ -1,5 +1,5 @@
 """The plots of a run's history: accuracy, BN divergence and task metrics per setting, one curve
-per algorithm (mean and spread over seeds)."""
+per algorithm (mean and spread over seeds), and each client's final accuracy per algorithm."""
 
 from __future__ import annotations
 
@@ -223,9 +223,62 @@ def metric_panels(rows_by_alg: dict[str, list[Row]]) -> tuple[Panel, ...]:
     )
 
 
+def final_client_accs(rows: Sequence[Row]) -> dict[int, dict[int, float]]:
+    """{seed: {client: accuracy}} from each seed's last row that has ``client_accs``."""
+    out: dict[int, dict[int, float]] = {}
+    for r in sorted(rows, key=lambda r: r["round"]):
+        if r.get("client_accs"):
+            out[r["seed"]] = {int(c): a for c, a in r["client_accs"].items() if a is not None}
+    return out
+
+
+def _client_figure(path: Path, setting: str, rows_by_alg: dict[str, list[Row]]) -> Path | None:
+    """A box per algorithm of its clients' final own-model accuracies (all seeds pooled), each
+    client a dot colored by its index; None when no row holds ``client_accs``."""
+    finals = {alg: final_client_accs(rows) for alg, rows in rows_by_alg.items()}
+    finals = {alg: f for alg, f in finals.items() if f}
+    if not finals:
+        return None
+    fig, ax = plt.subplots(figsize=(1.1 * len(finals) + 3.0, 4.8), layout="constrained")
+    algs = list(finals)
+    values = [[a for accs in finals[alg].values() for a in accs.values()] for alg in algs]
+    black = {"color": "black", "markerfacecolor": "black", "markeredgecolor": "black"}
+    ax.boxplot(
+        values,
+        tick_labels=algs,
+        showmeans=True,
+        whis=(0, 100),
+        widths=0.6,
+        zorder=2,
+        medianprops={"color": "black"},
+        meanprops={"marker": "^", **black},
+    )
+    rng = np.random.default_rng(0)
+    clients = sorted({c for f in finals.values() for accs in f.values() for c in accs})
+    for i, alg in enumerate(algs, start=1):
+        for accs in finals[alg].values():
+            for c, a in accs.items():
+                x = i + rng.uniform(-0.22, 0.22)
+                ax.scatter(x, a, s=14, color=f"C{clients.index(c) % 10}", alpha=0.7, zorder=3)
+    seeds = max(len(f) for f in finals.values())
+    ax.set_title(
+        f"{setting}: each client's final accuracy on its own test data, own model\n"
+        f"({seeds} seed{'s' if seeds > 1 else ''} pooled; dot color = client index; "
+        "box: quartiles, whiskers min-max, triangle: mean)",
+        fontsize=10,
+    )
+    ax.set_ylabel("accuracy")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_setting(out_dir: Path, setting: str, rows_by_alg: dict[str, list[Row]]) -> list[Path]:
-    """accuracy_<setting>.png and bn_divergence_<setting>.png, and metrics_<setting>.png when
-    the task has metrics besides accuracy; returns their paths."""
+    """accuracy_<setting>.png and bn_divergence_<setting>.png, metrics_<setting>.png when the
+    task has metrics besides accuracy, clients_<setting>.png when the rows hold each client's
+    accuracy; returns their paths."""
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     extra = metric_panels(rows_by_alg)
@@ -234,17 +287,76 @@ def plot_setting(out_dir: Path, setting: str, rows_by_alg: dict[str, list[Row]])
         metrics = [_figure(plots / f"metrics_{setting}.png", title, rows_by_alg, extra)]
     else:
         metrics = []
-    return metrics + [
-        _figure(
-            plots / f"accuracy_{setting}.png",
-            f"{setting}: accuracy vs round",
-            rows_by_alg,
-            ACCURACY_PANELS,
-        ),
-        _figure(
-            plots / f"bn_divergence_{setting}.png",
-            f"{setting}: BN divergence between clients vs round",
-            rows_by_alg,
-            DIVERGENCE_PANELS,
-        ),
-    ]
+    clients = _client_figure(plots / f"clients_{setting}.png", setting, rows_by_alg)
+    return (
+        metrics
+        + ([clients] if clients else [])
+        + [
+            _figure(
+                plots / f"accuracy_{setting}.png",
+                f"{setting}: accuracy vs round",
+                rows_by_alg,
+                ACCURACY_PANELS,
+            ),
+            _figure(
+                plots / f"bn_divergence_{setting}.png",
+                f"{setting}: BN divergence between clients vs round",
+                rows_by_alg,
+                DIVERGENCE_PANELS,
+            ),
+        ]
+    )
+
+
+def _no_dp_x(epsilons: Sequence[float]) -> float:
+    """Where a DP study's no-DP runs sit on the epsilon axis: one octave right of the largest."""
+    return 2 * max(epsilons, default=1.0)
+
+
+def plot_dp_study(out: Path, runs: Sequence[Row], rows: Sequence[Row]) -> list[Path]:
+    """``dp_accuracy_vs_epsilon.png`` (final per-client accuracy of each algorithm against the
+    run's target epsilon, no DP at the right) and ``dp_clip.png`` (adaptive clipping's clip per
+    round, one panel per epsilon) of a DP study; every run summary and row carries its
+    ``target_epsilon`` (None without DP)."""
+    out.mkdir(parents=True, exist_ok=True)
+    algs = list(dict.fromkeys(r["algorithm"] for r in runs))
+    eps = sorted({r["target_epsilon"] for r in runs if r["target_epsilon"] is not None})
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    for i, alg in enumerate(algs):
+        pts: dict[float, list[float]] = defaultdict(list)
+        for r in runs:
+            if r["algorithm"] == alg and (acc := _finite(r.get("client_acc"))) is not None:
+                e = r["target_epsilon"]
+                pts[_no_dp_x(eps) if e is None else e].append(acc)
+        xs = sorted(pts)
+        ax.plot(xs, [np.mean(pts[x]) for x in xs], label=alg, **_style(i))
+    ax.set_xscale("log")
+    ax.set_xticks([*eps, _no_dp_x(eps)], [*(f"{e:g}" for e in eps), "no DP"])
+    ax.minorticks_off()
+    ax.set_xlabel("target epsilon (delta = 1/N)")
+    ax.set_ylabel("final mean per-client accuracy")
+    ax.set_title("accuracy under user-level DP, per normalization policy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths = [out / "dp_accuracy_vs_epsilon.png"]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    fig, axes = plt.subplots(
+        1, max(1, len(eps)), figsize=(4.5 * max(1, len(eps)), 4), squeeze=False, sharey=True,
+        layout="constrained",
+    )  # fmt: skip
+    for ax, e in zip(axes[0], eps, strict=False):
+        for i, alg in enumerate(algs):
+            mine = [r for r in rows if r["algorithm"] == alg and r["target_epsilon"] == e]
+            if (curve := _curves(mine, "dp_clip")) is not None:
+                ax.plot(curve[0], curve[1], label=alg, **_style(i))
+        ax.set_title(f"epsilon {e:g}")
+        ax.set_xlabel("round")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("clip norm (adaptive, median target)")
+    axes[0][0].legend(fontsize=8)
+    paths.append(out / "dp_clip.png")
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths

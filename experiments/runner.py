@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import ml_collections
 
 import fedjax_bn as fb
-from experiments import plots, privacy, registry, report, train
+from experiments import parallel, plots, privacy, registry, report, train
 from experiments.configs import base
 from experiments.train import Seeds, derive_seeds, train_run  # noqa: F401  (re-exported)
 from fedjax_bn.execution import EXECUTORS
@@ -73,6 +73,7 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("local_epochs", int, 1),
     Bound("eval_batch_size", int, 1),
     Bound("checkpoint_every", int, 1),
+    Bound("parallel_runs", int, 1, note=" (seeds trained as one batched federation)"),
     Bound("cohort_size", int, 0, note=" (0: every client every round)"),
     Bound("client_threads", int, 0, note=" (0: 2 on a CPU with 2+ cores, else 1)"),
     Bound("availability", float, 0, strict=True, high=1),
@@ -217,6 +218,7 @@ def validate(config: Config) -> Config:
     registry.lookup(registry.MODELS, config.model.name, "model")
     registry.lookup(registry.OPTIMIZERS, config.optim.name, "optimizer")
     registry.lookup(dict.fromkeys(EXECUTORS), config.executor, "executor")
+    parallel.check(config)
     return config  # the factories' own checks run when each run is built (train.build_run)
 
 
@@ -306,23 +308,23 @@ def run_experiment(config: Config, *, resume: bool = False, overwrite: bool = Fa
     if not resume:
         (out / "config.json").write_text(config.to_json(indent=2) + "\n")
     print(f"Output directory: {out}")
-    runs: list[report.Row] = []
-    rows: list[report.Row] = []
     t0 = time.perf_counter()
+    done: dict[tuple[str, int, str], list[report.Row]] = {}  # each run's rows
     try:
-        for (setting, seed, alg_name), built in runs_to_train.items():
-            run_rows = train_run(config, built, setting, alg_name, seed, out, resume=resume)
-            rows += run_rows
-            runs.append(report.run_summary(run_rows))
+        for batch in parallel.training_order(config, runs_to_train):
+            trained = parallel.train_batch(config, runs_to_train, batch, out, resume)
+            done.update(zip(batch, trained, strict=True))
     except KeyboardInterrupt:
         print(
-            f"\nInterrupted after {len(runs)} complete run(s); the history so far is in "
+            f"\nInterrupted after {len(done)} complete run(s); the history so far is in "
             f"{out / 'history'}; continue with: python -m experiments.run --resume={out}",
             file=sys.stderr,
         )
         with contextlib.suppress(FileNotFoundError):  # no round finished yet
             report.rebuild([out], out)
         raise
+    runs = [report.run_summary(done[key]) for key in runs_to_train]  # in the config's order
+    rows = [row for key in runs_to_train for row in done[key]]
     finish(out, config, runs, rows)
     print(f"Total wall time: {time.perf_counter() - t0:.1f} s")
     return out

@@ -8,6 +8,7 @@ All federated logic is the library's; this module wires a config to it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
@@ -19,12 +20,11 @@ import ml_collections
 import numpy as np
 
 import fedjax_bn as fb
-from experiments import evaluation, history, privacy, registry, writers
+from experiments import evaluation, history, privacy, registry, rows, writers
 from fedjax_bn import monitor
 from fedjax_bn.algorithms import model_parts
 from fedjax_bn.checkpoint import Checkpointer
 from fedjax_bn.data import FederatedData
-from fedjax_bn.recalibrate import recalibrate_bn
 
 Config = ml_collections.ConfigDict
 Row = history.Row
@@ -113,21 +113,6 @@ def build_run(config: Config, data: FederatedData, alg_name: str, seed: int) -> 
     return Run(alg, round_fn, measure, data, held, seed, seeds, epsilons)
 
 
-def _mean_by(values: Any, weights: Any) -> float:
-    values, weights = np.asarray(values, np.float64), np.asarray(weights, np.float64)
-    return float(np.sum(values * weights) / max(np.sum(weights), 1.0))
-
-
-def task_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A result's task metrics other than accuracy (which has its own ``*_acc`` columns); each
-    becomes ``train_<name>`` and ``global_<name>`` history columns."""
-    return {k: v for k, v in metrics.items() if k != "accuracy"}
-
-
-def _floats(per_layer: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in per_layer.items()}
-
-
 def checkpoint_dir(out: Path, setting: str, alg_name: str, seed: int) -> Path:
     """Where one run's checkpoints live."""
     return out / "checkpoints" / f"{setting}__{alg_name}__seed{seed}"
@@ -155,86 +140,6 @@ def resume_point(
     return restored.round, restored.state, restored.key, rows[:rounds]
 
 
-def eval_state(config: Config, alg_name: str, alg: fb.Algorithm, state: Any, data: Any) -> Any:
-    """The state evaluation sees: with exact BN recalibration over the clients' training data
-    (``config.recalibrate``, or an algorithm in ``registry.RECALIBRATED``) where the policy has
-    global statistics (fedavg); the training state itself is never changed."""
-    wanted = config.recalibrate or alg_name in registry.RECALIBRATED
-    if not wanted or alg.policy != "fedavg":
-        return state
-    return recalibrate_bn(alg, state, data, batch_size=config.eval_batch_size)
-
-
-def monitor_view(
-    state: Any, x_probe: Any, mask_probe: Any, ids: np.ndarray, config: Config
-) -> tuple[Any, Any, Any]:
-    """What the BN monitor compares: every client, or in a cohort run the round's cohort only
-    (its divergences are pairwise, O(K^2) instead of O(N^2); an empty slot repeats the last
-    client, keeping the shape, and so the compiled monitor, fixed)."""
-    if not config.cohort_size:
-        return state, x_probe, mask_probe
-    rows = np.minimum(ids, len(x_probe) - 1)
-    clients = jax.device_put(jax.tree.map(lambda a: a[rows], state.clients))
-    return state._replace(clients=clients), x_probe[rows], mask_probe[rows]
-
-
-def round_row(
-    run: Run, config: Config, probe: tuple[Any, Any], state: Any, result: Any, seconds: float
-) -> Row:
-    """One round's history row from its result: training loss and metrics over the clients
-    that were not quarantined (weighted by examples seen), the cohort, BN divergences; the
-    evaluation columns are None until :func:`evaluate_row` fills them."""
-    ids = np.asarray(result.clients)
-    div = run.measure(*monitor_view(state, *probe, ids, config))
-    weights = result.num_seen * ~result.quarantined
-    row: Row = {
-        "train_loss": _mean_by(result.loss, weights),
-        "train_acc": _mean_by(result.accuracy, weights),
-        "global_acc": None,
-        "global_loss": None,
-        "client_acc": None,
-        "quarantined": [int(ids[c]) for c in np.flatnonzero(np.asarray(result.quarantined))],
-        "cohort": [int(c) for c in ids if c < run.data.num_clients],
-        "bn_div": float(monitor.mean_over_layers(div["bn"])),
-        "bn_div_source": monitor.stats_source(state),
-        "probe_div": float(monitor.mean_over_layers(div["probe"])),
-        "affine_div": float(monitor.mean_over_layers(div["affine"])),
-        "bn_div_layers": _floats(div["bn"]),
-        "probe_div_layers": _floats(div["probe"]),
-        "affine_div_layers": _floats(div["affine"]),
-        "seconds": seconds,
-    }
-    for name, values in task_metrics(result.metrics).items():  # beyond accuracy
-        row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
-    return row
-
-
-def evaluate_row(
-    run: Run, config: Config, alg_name: str, state: Any, seen: set[int], rnd: int
-) -> Row:
-    """The evaluation columns of round ``rnd``: the global model on the test data (where the
-    policy has one) and the population's clients (own, seen, held out; see evaluation.py)."""
-    evaluated = eval_state(config, alg_name, run.alg, state, run.data)
-    row: Row = {}
-    glob = fb.evaluate_global(run.alg, evaluated, run.data, config.eval_batch_size)
-    if glob is not None:
-        row.update(global_acc=glob.accuracy, global_loss=glob.loss)
-        row.update({f"global_{k}": v for k, v in task_metrics(glob.metrics).items()})
-    final = rnd == config.rounds
-    ids = evaluation.eval_ids(run.data.num_clients, config.eval_clients, run.seed, rnd, final)
-    population = evaluation.evaluate_population(
-        run.alg,
-        evaluated,
-        run.data,
-        run.held,
-        seen,
-        ids=ids,
-        adapt=config.adapt_bn,
-        batch=config.eval_batch_size,
-    )
-    return {**row, **population}
-
-
 def run_writers(
     config: Config, out: Path, setting: str, alg_name: str, seed: int, done: int
 ) -> tuple[writers.HistoryWriter, writers.Writers]:
@@ -260,14 +165,32 @@ def run_writers(
     return record, writers.Writers(views)
 
 
-def train_run(
-    config: Config, run: Run, setting: str, alg_name: str, seed: int, out: Path, *, resume: bool
-) -> list[Row]:
-    """Train one built run; every round is written and flushed.
+@dataclasses.dataclass
+class Live:
+    """One run being trained: its identity, latest state and key, rows, writers and checkpoints
+    (what :func:`record_round` advances by one round; ``train_run`` and the batched runs of
+    ``experiments/parallel.py`` share it, so both write the same files)."""
 
-    Checkpoints (state, next key, history offset) every ``config.checkpoint_every`` rounds, at
-    the last round and on interrupt; ``resume`` continues from the latest one, bit for bit.
-    """
+    run: Run
+    setting: str
+    alg_name: str
+    state: Any
+    key: jax.Array
+    probe: tuple[Any, Any]  # the monitor's fixed batches (x, mask)
+    ckpt: Checkpointer
+    done: int  # rounds already in the history (resumed)
+    rows: list[Row]
+    seen: set[int]  # clients that have trained
+    record: writers.HistoryWriter | None = None
+    writers: writers.Writers | None = None
+    start: float = 0.0  # perf_counter at round 0 of the run (resumed runs: shifted back)
+    saved: int = 0  # the last checkpointed round
+
+
+def open_run(
+    config: Config, run: Run, setting: str, alg_name: str, out: Path, *, resume: bool
+) -> Live:
+    """The run's starting state and key, or where ``resume`` finds it; no writer is opened."""
     state = run.alg.init(
         jax.random.key(run.seeds.init), run.data.train.sample_x(), run.data.num_clients
     )
@@ -278,53 +201,97 @@ def train_run(
             f"note: {alg_name}: the model has no BatchNorm layer, so under the {run.alg.policy} "
             "policy nothing stays local; it trains as FedAvg."
         )
-    path = history.history_path(out, setting, alg_name, seed)
+    path = history.history_path(out, setting, alg_name, run.seed)
     ckpt = Checkpointer(
-        checkpoint_dir(out, setting, alg_name, seed), max_to_keep=config.keep_checkpoints
+        checkpoint_dir(out, setting, alg_name, run.seed), max_to_keep=config.keep_checkpoints
     )
     done, rows = 0, []
     if resume and path.exists():
         done, state, key, rows = resume_point(path, ckpt, state, key, config.rounds)
-    if done >= config.rounds:
-        ckpt.close()
-        return rows
-    seen = {c for row in rows for c in row["cohort"]}  # clients that have trained
-    record, out_writers = run_writers(config, out, setting, alg_name, seed, done)
-    start = time.perf_counter() - (rows[-1]["wall"] if rows else 0.0)
-    saved = done
+    seen = {c for row in rows for c in row["cohort"]}
+    return Live(run, setting, alg_name, state, key, probe, ckpt, done, rows, seen, saved=done)
+
+
+def begin(config: Config, live: Live, out: Path) -> None:
+    """Open the run's writers and start its clock (the rounds to train come next)."""
+    live.record, live.writers = run_writers(
+        config, out, live.setting, live.alg_name, live.run.seed, live.done
+    )
+    live.start = time.perf_counter() - (live.rows[-1]["wall"] if live.rows else 0.0)
+
+
+def record_round(
+    config: Config, live: Live, rnd: int, state: Any, result: Any, seconds: float
+) -> Row:
+    """Round ``rnd`` of the run done (``state``, ``result``, its ``seconds``): its history row
+    built, evaluated when due, written and flushed; a checkpoint when due."""
+    run, setting, alg_name, seed = live.run, live.setting, live.alg_name, live.run.seed
+    live.state = state
+    row = {"setting": setting, "algorithm": alg_name, "seed": seed, "round": rnd}
+    row.update(rows.round_row(run, config, live.probe, state, result, seconds))
+    if run.epsilons is not None:  # DP: the guarantee after this round, the clip it used
+        row.update(epsilon=run.epsilons[rnd - 1], dp_clip=float(state.server.dp.clip))
+    if row["quarantined"]:
+        print(
+            f"warning: {setting} {alg_name} seed={seed} round {rnd}: clients "
+            f"{row['quarantined']} had a non-finite update or loss and were left out",
+            file=sys.stderr,
+        )
+    live.seen.update(row["cohort"])
+    if rnd == 1 or rnd % config.eval_every == 0 or rnd == config.rounds:
+        row.update(rows.evaluate_row(run, config, alg_name, state, live.seen, rnd))
+    row["wall"] = time.perf_counter() - live.start
+    live.writers.write(row)
+    live.rows.append(row)
+    if rnd % config.checkpoint_every == 0 or rnd == config.rounds:
+        live.ckpt.save(rnd, state, live.key, history_offset=live.record.offset())
+        live.saved = rnd
+    return row
+
+
+def save_interrupted(live: Live) -> None:
+    """On Ctrl-C: checkpoint the last finished round, for ``--resume``."""
+    if live.rows and live.saved < live.rows[-1]["round"]:
+        try:
+            live.ckpt.save(
+                live.rows[-1]["round"], live.state, live.key, history_offset=live.record.offset()
+            )
+        except RuntimeError:  # its buffers were donated to the interrupted cohort round
+            print(f"note: --resume continues from the checkpoint of round {live.saved}.")
+
+
+def close_run(live: Live) -> None:
+    """Close the run's writers (if opened) and checkpointer."""
     try:
-        for rnd in range(done + 1, config.rounds + 1):
-            key, round_key = jax.random.split(key)
+        if live.writers is not None:
+            live.writers.close()
+    finally:
+        live.ckpt.close()
+
+
+def train_run(
+    config: Config, run: Run, setting: str, alg_name: str, seed: int, out: Path, *, resume: bool
+) -> list[Row]:
+    """Train one built run; every round is written and flushed.
+
+    Checkpoints (state, next key, history offset) every ``config.checkpoint_every`` rounds, at
+    the last round and on interrupt; ``resume`` continues from the latest one, bit for bit.
+    """
+    del seed  # run.seed
+    live = open_run(config, run, setting, alg_name, out, resume=resume)
+    try:
+        if live.done >= config.rounds:
+            return live.rows
+        begin(config, live, out)
+        for rnd in range(live.done + 1, config.rounds + 1):
+            live.key, round_key = jax.random.split(live.key)
             t0 = time.perf_counter()
-            state, result = run.round_fn(state, run.data.train, round_key)
+            state, result = run.round_fn(live.state, run.data.train, round_key)
             jax.block_until_ready(state)
-            row = {"setting": setting, "algorithm": alg_name, "seed": seed, "round": rnd}
-            row.update(round_row(run, config, probe, state, result, time.perf_counter() - t0))
-            if run.epsilons is not None:  # DP: the guarantee after this round, the clip it used
-                row.update(epsilon=run.epsilons[rnd - 1], dp_clip=float(state.server.dp.clip))
-            if row["quarantined"]:
-                print(
-                    f"warning: {setting} {alg_name} seed={seed} round {rnd}: clients "
-                    f"{row['quarantined']} had a non-finite update or loss and were left out",
-                    file=sys.stderr,
-                )
-            seen.update(row["cohort"])
-            if rnd == 1 or rnd % config.eval_every == 0 or rnd == config.rounds:
-                row.update(evaluate_row(run, config, alg_name, state, seen, rnd))
-            row["wall"] = time.perf_counter() - start
-            out_writers.write(row)
-            rows.append(row)
-            if rnd % config.checkpoint_every == 0 or rnd == config.rounds:
-                ckpt.save(rnd, state, key, history_offset=record.offset())
-                saved = rnd
+            record_round(config, live, rnd, state, result, time.perf_counter() - t0)
     except KeyboardInterrupt:
-        if rows and saved < rows[-1]["round"]:  # the last finished round, for --resume
-            try:
-                ckpt.save(rows[-1]["round"], state, key, history_offset=record.offset())
-            except RuntimeError:  # its buffers were donated to the interrupted cohort round
-                print(f"note: --resume continues from the checkpoint of round {saved}.")
+        save_interrupted(live)
         raise
     finally:
-        out_writers.close()
-        ckpt.close()
-    return rows
+        close_run(live)
+    return live.rows

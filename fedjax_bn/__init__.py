@@ -37,6 +37,7 @@ from fedjax_bn.execution import RoundOptions, RoundResult, client_update, make_r
 from fedjax_bn.models import DigitModel, SeedCNN
 from fedjax_bn.policy import AllBut, bn_param_mask, merge, partition, pool_batch_stats
 from fedjax_bn.resnet import ResNet, ResNet18
+from fedjax_bn.runs import stack_runs, unstack_run, vmap_runs
 from fedjax_bn.task import Task, make_task
 
 
@@ -100,6 +101,9 @@ __all__ = [
     "pooled_moments",
     "scaffold",
     "silobn",
+    "stack_runs",
     "train_step",
+    "unstack_run",
+    "vmap_runs",
     "weighted_mean",
 ]

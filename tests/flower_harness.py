@@ -5,6 +5,7 @@ process started stopped by its id. Used by ``tests/test_flower*.py``."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -39,9 +40,9 @@ def binaries_missing() -> list[str]:
     return [n for n in names if not (BIN / n).exists() and shutil.which(n) is None]
 
 
-def exe(name: str) -> str:
-    """The executable ``name`` next to this Python, else on PATH."""
-    return str(BIN / name) if (BIN / name).exists() else str(shutil.which(name))
+def exe(name: str, bindir: Path = BIN) -> str:
+    """The executable ``name`` in ``bindir`` (default: next to this Python), else on PATH."""
+    return str(bindir / name) if (bindir / name).exists() else str(shutil.which(name))
 
 
 def wait_for_port(port: int, procs: list[subprocess.Popen], timeout: float) -> None:
@@ -74,11 +75,23 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 
 @contextlib.contextmanager
-def federation(home: Path, num_nodes: int, env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """A SuperLink and ``num_nodes`` SuperNodes (partition ``i`` of ``num_nodes``); yields the
-    environment under which ``flwr run`` reaches them (its ``FLWR_HOME`` names the link)."""
+def federation(
+    home: Path,
+    num_nodes: int,
+    env: dict[str, str],
+    bindir: Path = BIN,
+    node_configs: list[str] | None = None,
+) -> Iterator[dict[str, str]]:
+    """A SuperLink and ``num_nodes`` SuperNodes (node config ``node_configs[i]``, default
+    partition ``i`` of ``num_nodes``), Flower's executables from ``bindir`` (first on the
+    PATH, where a SuperNode finds ``flwr-clientapp``); yields the environment under which
+    ``flwr run`` reaches them (its ``FLWR_HOME`` names the link)."""
     link, *node_ports = free_ports(1 + num_nodes)  # the SuperLink's one HTTP port (all APIs)
-    env = {**env, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+    path = os.pathsep.join([str(bindir), env.get("PATH", "")])
+    env = {**env, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "PATH": path}
+    configs = node_configs or [
+        f"partition-id={i} num-partitions={num_nodes}" for i in range(num_nodes)
+    ]
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
@@ -102,7 +115,7 @@ def federation(home: Path, num_nodes: int, env: dict[str, str]) -> Iterator[dict
     try:
         start(
             [
-                exe("flower-superlink"),
+                exe("flower-superlink", bindir),
                 "--insecure",
                 "--port",
                 str(link),
@@ -113,17 +126,17 @@ def federation(home: Path, num_nodes: int, env: dict[str, str]) -> Iterator[dict
             "superlink.log",
         )
         wait_for_port(link, procs, 60)
-        for i, port in enumerate(node_ports):
+        for i, (port, config) in enumerate(zip(node_ports, configs, strict=True)):
             start(
                 [
-                    exe("flower-supernode"),
+                    exe("flower-supernode", bindir),
                     "--insecure",
                     "--superlink",
                     f"127.0.0.1:{link}",
                     "--port",
                     str(port),
                     "--node-config",
-                    f"partition-id={i} num-partitions={num_nodes}",
+                    config,
                 ],
                 f"supernode{i}.log",
             )
@@ -132,10 +145,12 @@ def federation(home: Path, num_nodes: int, env: dict[str, str]) -> Iterator[dict
         stop(procs)
 
 
-def flwr_run(app: Path, env: dict[str, str], config: str, timeout: float) -> str:
+def flwr_run(
+    app: Path, env: dict[str, str], config: str, timeout: float, bindir: Path = BIN
+) -> str:
     """``flwr run APP --stream`` with ``--run-config config``; returns its output."""
     out = subprocess.run(
-        [exe("flwr"), "run", str(app), "--run-config", config, "--stream"],
+        [exe("flwr", bindir), "run", str(app), "--run-config", config, "--stream"],
         capture_output=True,
         text=True,
         env=env,
@@ -169,7 +184,9 @@ class ThreadBackend(Backend):
         pass
 
     def process_message(self, message: Message, context: Context):
-        reply = self.app_fn()(message=message, context=context)
+        # A copy, as Ray's serialization gives each actor: a workflow may send one content
+        # object to every node (SecAgg+ does), and a mod may change what it receives.
+        reply = self.app_fn()(message=copy.deepcopy(message), context=context)
         ThreadBackend.seen[int(context.node_config["partition-id"])] = (context, reply)
         return reply, context
 

@@ -1,5 +1,5 @@
 """The device check (``benchmarks/device_check.sh``) runs end to end in tiny mode on the CPU and
-writes the JSON the GPU runs are read from: three sections, a device name, positive round times
+writes the JSON the GPU runs are read from: four sections, a device name, positive round times
 for every measured (not skipped) entry, finite losses."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_device_check_tiny(tmp_path: Path) -> None:
 
     assert report["complete"] is True
     assert report["mode"] == "tiny"
-    for section in ("device", "throughput", "seed_cifar100"):
+    for section in ("device", "throughput", "seed_cifar100", "parallel_runs"):
         assert section in report, section
 
     device = report["device"]
@@ -77,3 +77,27 @@ def test_device_check_tiny(tmp_path: Path) -> None:
         assert all(math.isfinite(v) for v in r["loss_per_client"])
     assert seed["all_finite"] is True
     assert seed["round_s"] > 0
+
+    runs = report["parallel_runs"]  # S = 1, 2 batched against the runs one by one
+    assert "error" not in runs, runs
+    if "skipped" in runs:  # the time budget was spent before it (a loaded machine)
+        return
+    programs = runs["programs"]
+    assert {"separate/vmap", "batched/1", "batched/2"} <= set(programs), programs
+    assert all(p["per_run_round_s"] > 0 and p["first_call_s"] > 0 for p in programs.values())
+    assert programs["batched/2"]["speedup"]["vmap"] > 0
+
+
+def test_parallel_runs_entry_on_a_tiny_workload(monkeypatch) -> None:
+    """The device check's parallel-runs entry, in process (in the tiny check above the time
+    budget may skip it): every program measured, per-run times and speedups positive."""
+    monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is a script folder, not installed
+    from benchmarks import device_check
+
+    cfg = dict(device_check.TINY["parallel_runs"], rounds=1)
+    out = device_check.parallel_runs_entry(cfg, budget_s=float("inf"))
+    assert "error" not in out and not out["skipped"], out
+    programs = out["programs"]
+    assert set(programs) == {"separate/vmap", "batched/1", "batched/2"}
+    assert all(p["per_run_round_s"] > 0 and p["first_call_s"] > 0 for p in programs.values())
+    assert programs["batched/2"]["speedup"]["vmap"] > 0

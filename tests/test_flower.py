@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 
 flwr = pytest.importorskip("flwr")
 
-from conftest import CounterModel, assert_trees_equal, make_clients  # noqa: E402
+from conftest import CountedBN, CounterModel, assert_trees_equal, make_clients  # noqa: E402
 from flower_harness import ThreadBackend, without_ray  # noqa: E402
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
@@ -29,8 +30,9 @@ from flwr.simulation import run_simulation  # noqa: E402
 import fedjax_bn as fb  # noqa: E402
 import fedjax_bn.flower  # noqa: E402, F401
 from fedjax_bn.execution import batches_from_order  # noqa: E402
+from fedjax_bn.execution.batches import client_batches  # noqa: E402
 from fedjax_bn.flower import client_app, from_record, server_app, to_record  # noqa: E402
-from fedjax_bn.flower.client import STATE_KEY, ClientRunner, train_reply  # noqa: E402
+from fedjax_bn.flower.client import STATE_KEY, ClientRunner, Layout, train_reply  # noqa: E402
 from fedjax_bn.flower.records import leaf_paths, stack_trees  # noqa: E402
 from fedjax_bn.flower.server import ServerRunner, round_key  # noqa: E402
 
@@ -112,6 +114,69 @@ def test_simulation_matches_in_process_rounds_bitwise(no_ray, name) -> None:
         assert local or name == "scaffold"  # fedbn keeps BN leaves local; fedavg has none
 
 
+class DropoutCounter(nn.Module):
+    """CounterModel with dropout: its masks come from the step keys, so a client that drew
+    other step keys than the simulation's would train to other numbers."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        x = nn.Dense(4)(x.reshape((x.shape[0], -1)).astype(jnp.float32))
+        x = nn.relu(CountedBN()(x, train=train, mask=mask))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(10)(x)
+
+
+@pytest.mark.parametrize(
+    "budget", [None, [3, 0, 2], fb.budgets.uniform_steps(0, 5)], ids=["none", "fixed", "uniform"]
+)
+def test_without_orders_clients_draw_the_executors_shuffle_keys_and_budgets(no_ray, budget) -> None:
+    """No batch orders given, 2 local epochs, dropout, clients of unequal sizes: each deployed
+    client lays its round out on the largest client's size, shuffles as the executors do,
+    draws their step keys and stops at the budget the server drew; the server state and every
+    kept row equal ``make_round(..., budget=)`` bitwise."""
+    alg = fb.fedbn_prox(
+        DropoutCounter(), optax.sgd(0.1, momentum=0.9), mu=0.1, persist_client_optimizer=True
+    )
+    train = make_clients(1, SIZES)
+    data = [train.client(c) for c in range(len(SIZES))]
+    out = {}
+    ThreadBackend.seen.clear()
+    load = lambda ctx: data[int(ctx.node_config["partition-id"])]  # noqa: E731
+    capp = client_app(alg, load, batch_size=BATCH, local_epochs=2)
+    sapp = server_app(
+        alg,
+        train.x[0, :1],
+        num_clients=len(SIZES),
+        num_rounds=ROUNDS,
+        budget=budget,
+        seed=SEED,
+        min_train_nodes=len(SIZES),
+        on_done=lambda server, _: out.update(server=server),
+    )
+    run_simulation(sapp, capp, num_supernodes=len(SIZES), backend_name="thread")
+
+    state = alg.init(jax.random.key(SEED), train.x[0, :1], len(SIZES))
+    step = fb.make_round(
+        alg, executor="sequential", batch_size=BATCH, local_epochs=2, budget=budget
+    )
+    for r in range(ROUNDS):
+        state, _ = step(state, train, round_key(SEED, r))
+    assert_trees_equal(state.server, out["server"])
+    _, row_t = ClientRunner(alg, batch_size=BATCH).templates(data[0][0])
+    for c in range(len(SIZES)):
+        kept = from_record(ThreadBackend.seen[c][0].state[STATE_KEY], row_t)
+        assert_trees_equal(jax.tree.map(lambda a, c=c: a[c], state.clients), kept)
+
+
+def test_client_batches_are_rows_of_the_round_shuffle() -> None:
+    key, n = jax.random.key(3), jnp.asarray([7, 5, 9, 1])
+    idx, mask = fb.execution.round_batches(key, n, 9, BATCH, 2)
+    for c in range(4):
+        row = client_batches(key, c, 4, int(n[c]), 9, BATCH, 2)
+        np.testing.assert_array_equal(row[0], idx[c])
+        np.testing.assert_array_equal(row[1], mask[c])
+
+
 def test_records_round_trip_keeps_dtypes_and_integer_leaves() -> None:
     tree = {
         "w": np.arange(6, dtype=np.float32).reshape(2, 3),
@@ -141,7 +206,8 @@ def test_a_client_whose_data_has_another_shape_gets_a_clear_error(no_ray) -> Non
     alg = algorithms()["scaffold"]
     train = make_clients(0, SIZES)
     server = fb.flower.ServerRunner(alg, jax.random.key(0), train.x[0, :1], 3)
-    content = server.content(round_key(0, 0), first_contact=True)
+    server.sizes[1] = (0, SIZES[0])  # node 1 is client 0 (what its size query tells)
+    content = server.content(round_key(0, 0), 1, first_contact=True)
     msg = Message(content, dst_node_id=1, message_type="train")
     context = Context(
         run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
@@ -197,7 +263,9 @@ def test_a_sampled_cohort_trains_and_clients_that_sit_out_keep_their_state(
     ref = ServerRunner(alg, jax.random.key(SEED), train.x[0, :1], 3)
     rows, client = dict.fromkeys(range(3), ref.init_row), ClientRunner(alg, batch_size=BATCH)
     for r, cohort in enumerate(cohorts):
-        outs = [client.run(ref.server, rows[c], *data[c], round_key(SEED, r), c, r) for c in cohort]
+        key = round_key(SEED, r)
+        layouts = {c: Layout(c, 3, max(SIZES)) for c in cohort}
+        outs = [client.run(ref.server, rows[c], *data[c], key, r, layouts[c]) for c in cohort]
         rows.update({c: o[1] for c, o in zip(cohort, outs, strict=True)})
         weights = np.asarray([SIZES[c] for c in cohort])
         ref.fold(stack_trees([o[0] for o in outs]), stack_trees([o[2] for o in outs]), weights)

@@ -69,6 +69,8 @@ def test_flwr_run_on_a_superlink_and_two_supernodes_matches_the_simulation(
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        # the App enables jax's persistent cache (compilation-cache = true): keep it here
+        "FEDJAX_BN_COMPILATION_CACHE": str(tmp_path / "jax_cache"),
     }
     with federation(tmp_path / "flwr", 2, env) as run_env:
         log = flwr_run(APP, run_env, f'{config} result-path="{result}"', timeout=300)

@@ -40,12 +40,13 @@ def init(alg: fb.Algorithm) -> fb.FedState:
 
 
 def uniform_weights(alg: fb.Algorithm) -> fb.Algorithm:
-    """``alg`` with every participating client weighted 1 (FedAvg with uniform weights)."""
+    """``alg`` (and each of its stages) with every participating client weighted 1."""
 
     def server_update(server: Any, messages: Any, weights_C: jax.Array) -> Any:
         return alg.server_update(server, messages, (weights_C > 0).astype(jnp.float32))
 
-    return alg._replace(server_update=server_update)
+    stages = tuple((first, uniform_weights(stage)) for first, stage in alg.stages)
+    return alg._replace(server_update=server_update, stages=stages)
 
 
 def run(alg: fb.Algorithm, rounds: int = 2) -> fb.FedState:
@@ -71,6 +72,16 @@ def test_no_noise_and_no_clip_is_fedavg_with_uniform_weights(policy: str, bn_sta
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), counts.server.shared,
                         private.server.shared)  # fmt: skip
     assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_fixbn_without_noise_or_clip_is_fixbn_with_uniform_weights() -> None:
+    make_fixbn = functools.partial(fb.fixbn, CounterModel(), sgd(), fix_round=1)
+    plain = run(uniform_weights(make_fixbn()), rounds=3)
+    private = run(make_fixbn(dp=gaussian(0.0, HUGE)), rounds=3)
+    assert_trees_close(private.server.shared, plain.server.shared, rtol=1e-4, atol=1e-5)
+    assert_trees_close(private.server.pooled, plain.server.pooled, rtol=1e-4, atol=1e-5)
+    assert_trees_close(private.clients, plain.clients, rtol=1e-4, atol=1e-5)
+    assert int(private.server.dp.round) == 3
 
 
 def client_messages(alg: fb.Algorithm, state: fb.FedState) -> DPMessage:
@@ -113,6 +124,32 @@ def test_what_leaves_a_client_is_one_clipped_update(policy: str) -> None:
         assert norm <= clip * (1 + 1e-5)
         assert norm == pytest.approx(clip, rel=1e-4)  # two steps of lr 0.1 move more than 0.05
     assert set(np.asarray(messages.below).tolist()) <= {0.0, 1.0}
+
+
+def test_fixbn_under_dp_sends_no_statistics_after_the_freeze() -> None:
+    clip, fix_round = 0.05, 1
+    alg = fb.fixbn(CounterModel(), sgd(), fix_round=fix_round, dp=gaussian(1.0, clip))
+    rnd = fb.make_round(alg, executor="sequential", batch_size=B)
+    state = init(alg)
+    for r, (first, stage) in enumerate(alg.stages):  # one round of each phase
+        assert first == r * fix_round and int(state.server.dp.round) == first
+        messages = client_messages(stage, state)
+        again = client_messages(alg, state)  # the algorithm's own functions: the same phase
+        assert_trees_close(again, messages, rtol=1e-5, atol=1e-6)
+        stats = {p: v for p, v in flatten(messages.delta).items() if p[0] == "batch_stats"}
+        assert {p[-1] for p in stats} == {"mean", "var"}
+        moved = [bool(jnp.any(v != 0)) for v in stats.values()]
+        assert all(moved) if first < fix_round else not any(moved)  # zero: no data in it
+        for c in range(C):  # the rest is one update clipped jointly, in both phases
+            norm = float(global_norm(flatten(take_client(messages.delta, c))))
+            assert norm == pytest.approx(clip, rel=1e-4)
+        new = stage.server_update(state.server, messages, jnp.ones(C))
+        if first >= fix_round:  # the server keeps the statistics of the freeze, bit for bit
+            assert_trees_equal(new.pooled, state.server.pooled)
+        else:
+            assert not all(jax.tree.leaves(jax.tree.map(
+                lambda a, b: bool(jnp.all(a == b)), new.pooled, state.server.pooled)))  # fmt: skip
+        state, _ = rnd(state, DATA, jax.random.key(r))
 
 
 @pytest.mark.parametrize("policy", ["fedbn", "fedavg"])
@@ -294,8 +331,8 @@ def test_dp_is_refused_where_it_cannot_cover_what_a_client_sends() -> None:
         fb.scaffold(model, tx, lr=0.1, dp=dp)
     with pytest.raises(ValueError, match="step count"):
         fb.fednova(model, tx, dp=dp)
-    with pytest.raises(ValueError, match="fedbn or silobn"):
-        fb.fixbn(model, tx, fix_round=2, dp=dp)
+    with pytest.raises(ValueError, match="aggregator"):
+        fb.fixbn(model, tx, fix_round=2, dp=dp, aggregator=fb.robust.median())
     with pytest.raises(ValueError, match="no clip_norm"):
         fb.fedavg(model, tx, dp=dp, clip_norm=1.0)
     with pytest.raises(TypeError, match="privacy.gaussian"):

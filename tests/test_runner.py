@@ -7,6 +7,7 @@ import math
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import plots, registry, report, run, runner
@@ -111,6 +112,10 @@ def test_tiny_run_writes_every_promised_file(tmp_path, capsys) -> None:
             assert r["client_acc"] is not None and r["seconds"] > 0
             assert r["bn_div_layers"] and r["bn_div_source"] in ("round", "local", "probe")
         assert (rows[-1]["global_acc"] is None) == (alg == "fedbn")  # fedbn has no global model
+        accs = rows[-1]["client_accs"]  # each client's own accuracy; client_acc is their mean
+        assert len(accs) == 4 and np.mean(list(accs.values())) == pytest.approx(
+            rows[-1]["client_acc"]
+        )
         assert (rows[-1]["affine_div"] is not None) == (alg == "fedbn")
 
     summary = json.loads((out / "summary.json").read_text())
@@ -118,7 +123,7 @@ def test_tiny_run_writes_every_promised_file(tmp_path, capsys) -> None:
     assert set(final) == {"fedavg", "fedbn"}
     assert final["fedavg"]["client_acc"]["values"] and final["fedbn"]["global_acc"]["mean"] is None
 
-    for name in ("accuracy", "bn_divergence"):
+    for name in ("accuracy", "bn_divergence", "clients"):
         png = out / "plots" / f"{name}_digits_feature_shift.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
 
@@ -375,3 +380,18 @@ def test_cohort_runs_name_each_rounds_cohort(tmp_path) -> None:
     assert all(r["cohort"] == sorted(set(r["cohort"])) for r in rows)
     too_many = tiny_argv(tmp_path / "x", "--config.cohort_size=999")
     assert run.main(too_many) == 2
+
+
+def test_client_figure_pools_each_seeds_last_client_accuracies(tmp_path) -> None:
+    rows = _rows("fedavg", "probe", True)
+    for r in rows:
+        r["client_accs"] = {"0": 0.1 * r["round"], "1": 0.5 + r["seed"] * 0.1}
+    assert plots.final_client_accs(rows) == {
+        0: {0: pytest.approx(0.3), 1: 0.5},
+        1: {0: pytest.approx(0.3), 1: 0.6},
+    }
+    path = plots._client_figure(
+        tmp_path / "c.png", "s", {"fedavg": rows, "none": _rows("x", "probe", True)}
+    )
+    assert path is not None and path.read_bytes()[:8] == PNG_MAGIC
+    assert plots._client_figure(tmp_path / "d.png", "s", {"x": _rows("x", "probe", True)}) is None

@@ -50,6 +50,8 @@ HELP: dict[str, str] = {
     "budget_min_steps": "stragglers: local steps drawn per client and round from "
     "[budget_min_steps, budget_max_steps]",
     "budget_max_steps": "see budget_min_steps; 0: no budget",
+    "parallel_runs": "seeds of one setting and algorithm trained as one batched federation "
+    "(fb.vmap_runs), this many at a time; 1: one run at a time; no cohorts, DP or budgets with > 1",
     "checkpoint_every": "save the run state (orbax) every this many rounds, and at the end",
     "keep_checkpoints": "how many of a run's latest checkpoints are kept",
     "progress": "tqdm bar per run",
@@ -125,6 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.adapt_bn = False
     c.budget_min_steps = 0
     c.budget_max_steps = 0
+    c.parallel_runs = 1
     c.checkpoint_every = 5
     c.keep_checkpoints = 2
     c.progress = True

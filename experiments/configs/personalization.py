@@ -13,7 +13,7 @@ batch 32, one local epoch, 40 rounds). Methods:
 - ``ditto``: a personal model per client, pulled to the global one by ``config.ditto_lambda``.
 
     python -m experiments.run --config=experiments/configs/personalization.py
-    # the small run docs/personalization.md reports (one seed, one setting, few rounds)
+    # one seed, one setting, few rounds
     python -m experiments.run --config=experiments/configs/personalization.py \\
         --config.seeds=0 --config.rounds=10 --config.settings=digits_feature_shift
 """

@@ -187,12 +187,7 @@ def make_algorithm(
     None (default): no DP, this function's algorithm exactly as without the option.
     """
     check_policy(policy)
-    check_dp(dp, clip_norm=clip_norm, normalize=normalize)
-    if dp is not None and aggregator is not None:
-        raise ValueError(
-            "dp and aggregator do not compose yet: DP-FedAvg's noise is calibrated to a clipped "
-            "sum, not to a robust rule. Use one of them."
-        )
+    check_dp(dp, clip_norm=clip_norm, normalize=normalize, aggregator=aggregator)
     task = make_task(model, loss=loss, metrics=metrics, augment=augment, train_kw=train_kw)
     if mu < 0:
         raise ValueError(f"FedProx mu must be >= 0, got {mu}.")
@@ -264,12 +259,23 @@ def make_algorithm(
     return privatize(alg, dp, server_step=functools.partial(server_step, server_tx), how=bn_stats)
 
 
-def check_dp(dp: Gaussian | None, *, clip_norm: float | None, normalize: str | None) -> None:
+def check_dp(
+    dp: Gaussian | None,
+    *,
+    clip_norm: float | None,
+    normalize: str | None,
+    aggregator: Aggregator | None = None,
+) -> None:
     """Raise a clear error for a DP option this family cannot honour."""
     if dp is None:
         return
     if not isinstance(dp, Gaussian):
         raise TypeError(f"dp must come from fedjax_bn.privacy.gaussian(...), got {type(dp)}.")
+    if aggregator is not None:
+        raise ValueError(
+            "dp and aggregator do not compose yet: DP-FedAvg's noise is calibrated to a clipped "
+            "sum, not to a robust rule. Use one of them."
+        )
     if clip_norm is not None:
         raise ValueError("dp clips each client's update itself (dp.clip_norm); pass no clip_norm.")
     if normalize is not None:

@@ -43,6 +43,8 @@ server's round counter with that ``lax.cond`` and give the same results.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
@@ -52,8 +54,17 @@ import optax
 
 from fedjax_bn import client as client_lib
 from fedjax_bn.algorithms.base import Algorithm, FedState
-from fedjax_bn.algorithms.fedavg import Carry, ClientState, Message, ServerState, make_algorithm
+from fedjax_bn.algorithms.fedavg import (
+    Carry,
+    ClientState,
+    Message,
+    ServerState,
+    check_dp,
+    make_algorithm,
+    server_step,
+)
 from fedjax_bn.client import Batch, ClientMetrics
+from fedjax_bn.privacy.dp_fedavg import DPServer, privatize
 
 Array = jax.Array
 KeepMomentum = Literal["after_fix", "always", "never"]
@@ -97,6 +108,13 @@ def fixbn(
     keep their optimizer state across rounds (module docstring). Other keywords (``mu``,
     ``server_tx``, ``bn_stats``) are :func:`~fedjax_bn.algorithms.make_algorithm`'s; the BN
     policy is ``fedavg`` (FixBN needs global statistics) and the BN mode is FixBN's own.
+
+    ``dp=fedjax_bn.privacy.gaussian(...)``: DP-FedAvg in every round. Before ``fix_round`` the
+    BN statistics' change travels inside the clipped, noised update, as under ``fedavg``; from
+    ``fix_round`` on its entries are zero for every client and the server keeps the statistics
+    it had (noised, hence post-processing): nothing of BN statistics leaves a client after the
+    freeze. The server state is then :class:`~fedjax_bn.privacy.DPServer`, whose count of
+    noised updates (one per round) gives the phase.
     """
     if fix_round < 0:
         raise ValueError(f"fix_round must be >= 0, got {fix_round}.")
@@ -104,15 +122,12 @@ def fixbn(
         raise ValueError(
             f"Unknown keep_momentum {keep_momentum!r}; valid: {', '.join(KEEP_MOMENTUM)}."
         )
-    if kw.get("dp") is not None:
-        raise ValueError(
-            "DP is not available for fixbn yet (its two stages would each need the DP server "
-            "state). Private alternatives: fedbn or silobn (BN statistics stay local), fedavg "
-            "with dp (statistics noised), or a GroupNorm model (model.norm='group')."
-        )
     for owned in ("policy", "bn_train", "persist_client_optimizer"):
         if owned in kw:
             raise TypeError(f"fixbn sets {owned!r} itself; it cannot be passed.")
+    dp = kw.pop("dp", None)
+    check_dp(dp, clip_norm=kw.get("clip_norm"), normalize=kw.get("normalize"),
+             aggregator=kw.get("aggregator"))  # fmt: skip
     persist = keep_momentum != "never"
     base = make_algorithm(
         model, client_tx, policy="fedavg", persist_client_optimizer=persist, name=name, **kw
@@ -120,30 +135,50 @@ def fixbn(
 
     def phase(fixed: bool | None) -> Algorithm:
         """The functions of one phase (``fixed`` static), or of both (None: from the round)."""
-        return _fixbn_functions(base, fix_round, keep_momentum, fixed)
+        if dp is None:
+            return _fixbn_functions(base, fix_round, keep_momentum, fixed, _own_round)
+        alg = _fixbn_functions(base, fix_round, keep_momentum, fixed, _dp_round)
+        frozen = (lambda s: _dp_round(s) >= fix_round) if fixed is None else (lambda s: fixed)
+        step = functools.partial(server_step, kw.get("server_tx"))
+        how = kw.get("bn_stats") or "pooled"
+        return privatize(alg, dp, server_step=step, how=how, frozen_stats=frozen)
 
     explore, calibrate = phase(False), phase(True)
     stages = ((0, calibrate),) if fix_round == 0 else ((0, explore), (fix_round, calibrate))
     return phase(None)._replace(stages=stages)
 
 
+def _own_round(server: FixBNServer) -> Array:
+    """The round counter of FixBN's own server state."""
+    return server.round
+
+
+def _dp_round(server: DPServer) -> Array:
+    """DP-FedAvg's count of noised updates: one per round, empty rounds included."""
+    return server.dp.round
+
+
 def _fixbn_functions(
-    base: Algorithm, fix_round: int, keep_momentum: KeepMomentum, fixed: bool | None
+    base: Algorithm,
+    fix_round: int,
+    keep_momentum: KeepMomentum,
+    fixed: bool | None,
+    round_of: Callable[[Any], Array],
 ) -> Algorithm:
     """FixBN's functions around FedAvg's ``base``: for one phase when ``fixed`` is a bool (the
-    stages the executors run), or choosing the phase from the server's round when None."""
+    stages the executors run), or choosing the phase from ``round_of(server)`` when None."""
     train_spec = base.local
     eval_spec = dataclasses.replace(train_spec, bn_train=False)
 
-    def is_fixed(server: FixBNServer) -> Array | bool:
-        return server.round >= fix_round if fixed is None else fixed
+    def is_fixed(server: Any) -> Array | bool:
+        return round_of(server) >= fix_round if fixed is None else fixed
 
     def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
         state = base.init(rng_or_variables, sample_x, num_clients)
         server = FixBNServer(*state.server, jnp.zeros((), jnp.int32))
         return FedState(server, state.clients, state.round)
 
-    def client_init(server: FixBNServer, client: ClientState) -> FixBNCarry:
+    def client_init(server: Any, client: ClientState) -> FixBNCarry:
         flag = is_fixed(server)
         base_server = ServerState(server.shared, server.pooled, server.opt_state)
         if keep_momentum == "after_fix" and flag is not True:

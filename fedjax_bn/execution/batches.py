@@ -34,6 +34,17 @@ def _epoch_layout(key: jax.Array, n_c: jax.Array, n_max: int, padded: int):
     return jnp.pad(idx, (0, pad)), jnp.pad(mask, (0, pad))
 
 
+def _client_layout(
+    key: jax.Array, n_c: jax.Array, n_max: int, batch_size: int, epochs: int
+) -> tuple[jax.Array, jax.Array]:
+    """One client's (idx [S, B], mask [S, B]) from its own key (split once per epoch)."""
+    spe = steps_per_epoch(n_max, batch_size)
+    layout = jax.vmap(_epoch_layout, in_axes=(0, None, None, None))  # over epochs
+    idx, mask = layout(jax.random.split(key, epochs), n_c, n_max, spe * batch_size)
+    shape = (epochs * spe, batch_size)
+    return idx.reshape(shape), mask.reshape(shape)
+
+
 def round_batches(
     key: jax.Array, n: jax.Array, n_max: int, batch_size: int, epochs: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -45,16 +56,28 @@ def round_batches(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
-    spe = steps_per_epoch(n_max, batch_size)
-    num_clients = n.shape[0]
-    keys = jax.vmap(lambda k: jax.random.split(k, epochs))(jax.random.split(key, num_clients))
-    layout = jax.vmap(  # over clients
-        jax.vmap(_epoch_layout, in_axes=(0, None, None, None)),  # over epochs
-        in_axes=(0, 0, None, None),
+    keys = jax.random.split(key, n.shape[0])
+    return jax.vmap(_client_layout, in_axes=(0, 0, None, None, None))(
+        keys, jnp.asarray(n), n_max, batch_size, epochs
     )
-    idx, mask = layout(keys, jnp.asarray(n), n_max, spe * batch_size)
-    shape = (num_clients, epochs * spe, batch_size)
-    return idx.reshape(shape), mask.reshape(shape)
+
+
+def client_batches(
+    key: jax.Array,
+    slot: int,
+    num_slots: int,
+    n_c: int,
+    n_max: int,
+    batch_size: int,
+    epochs: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Row ``slot`` of ``round_batches(key, n, n_max, ...)`` for a cohort of ``num_slots``
+    clients, computed from that client's size alone: how a deployed client (which never
+    sees the others' data) draws the executors' own shuffle."""
+    if epochs < 1 or not 0 <= slot < num_slots:
+        raise ValueError(f"need epochs >= 1 and 0 <= slot < {num_slots}, got {epochs}, {slot}.")
+    own = jax.random.split(key, num_slots)[slot]
+    return _client_layout(own, jnp.asarray(n_c), n_max, batch_size, epochs)
 
 
 def budget_mask(mask_CSB: jax.Array, budget_C: jax.Array) -> jax.Array:

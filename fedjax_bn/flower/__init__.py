@@ -18,17 +18,19 @@ try:
 except ImportError as err:  # pragma: no cover - exercised in a subprocess test
     raise ImportError('fedjax_bn.flower needs Flower: pip install "fedjax_bn[flower]"') from err
 
-from fedjax_bn.flower.client import ClientRunner, client_app, train_reply
+from fedjax_bn.flower.client import ClientRunner, Layout, client_app, size_reply, train_reply
 from fedjax_bn.flower.records import from_record, stack_trees, to_record
 from fedjax_bn.flower.server import ServerRunner, run_server, server_app
 
 __all__ = [
     "ClientRunner",
+    "Layout",
     "ServerRunner",
     "client_app",
     "from_record",
     "run_server",
     "server_app",
+    "size_reply",
     "stack_trees",
     "to_record",
     "train_reply",

@@ -10,12 +10,19 @@ call per step as the sequential executor runs them, step keys from ``execution.l
 ...) in ``Context.state`` and replies with the algorithm's message, its metrics and its
 number of examples. A client whose update or loss is not finite keeps its old row (the
 server quarantines its message, as every executor does).
+
+The round record also says where the client sits in the simulation's round (a
+:class:`Layout`: its slot, the number of slots, the largest client's size, its step budget),
+so that without given batch orders the client draws the executors' own shuffle
+(``execution.batches.client_batches``), steps and step keys, and stops at its budget as the
+sequential executor does: a deployment equals ``make_round`` on the same data and keys.
+A query message (``size_reply``) tells the server the client's id and size once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,17 +30,26 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedjax_bn.algorithms.base import Algorithm, stage_at, task_of
-from fedjax_bn.execution.batches import batches_from_order, round_batches
+from fedjax_bn.algorithms.base import Algorithm, init_compiler_options, stage_at, task_of
+from fedjax_bn.execution.batches import batches_from_order, client_batches
 from fedjax_bn.execution.loop import client_key, local_steps
 from fedjax_bn.execution.plan import schedule
 from fedjax_bn.execution.quarantine import finite_clients
 from fedjax_bn.flower.records import from_record, to_record
 
 STATE_KEY = "fedjax_bn.client"  # the client's persistent row in Context.state
-SHUFFLE_STREAM = 5  # fold_in stream of the round key for a client's own shuffle
+NO_BUDGET = -1  # a round record's budget entry when the run has no step budget
 LoadData = Callable[[Context], tuple[Any, Any]]
 BatchOrder = Callable[[Context, int, int], Sequence[np.ndarray]]  # (ctx, round, n) -> orders
+
+
+class Layout(NamedTuple):
+    """Where one client's round sits in the simulated round it reproduces."""
+
+    slot: int  # its row of the simulation's client axis (its client id): shuffle, step keys
+    num_slots: int  # clients of the simulated federation (C)
+    n_max: int  # the largest client's examples: the padded layout [S, B] and its step indices
+    budget: int | None = None  # its most local steps this round (fedjax_bn.budgets)
 
 
 class ClientRunner:
@@ -46,6 +62,7 @@ class ClientRunner:
             )
         self.alg, self.batch_size, self.epochs = alg, batch_size, local_epochs
         self._stages: dict[int, tuple[Any, Any, Any]] = {}
+        self._shuffle: Any = None
 
     def _jitted(self, round_: int) -> tuple[Any, Any, Any]:
         index, alg = stage_at(self.alg, round_)
@@ -77,14 +94,22 @@ class ClientRunner:
         row = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.clients)
         return state.server, row
 
-    def batches(self, key: jax.Array, n: int, orders: Sequence[np.ndarray] | None):
-        """This client's round layout ``(idx [S, B], mask [S, B])`` over its own ``n`` examples:
-        the given per-epoch ``orders``, else shuffled by ``key``."""
+    def batches(
+        self, key: jax.Array, layout: Layout, n: int, orders: Sequence[np.ndarray] | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """This client's round layout ``(idx [S, B], mask [S, B])``, ``S`` from ``n_max``: the
+        given per-epoch ``orders``, else row ``slot`` of the executors' shuffle by ``key``."""
         if orders is not None:
-            idx, mask = batches_from_order([orders], n, self.batch_size)
-        else:
-            idx, mask = round_batches(key, jnp.asarray([n]), n, self.batch_size, self.epochs)
-        return idx[0], mask[0]
+            idx, mask = batches_from_order([orders], layout.n_max, self.batch_size)
+            return idx[0], mask[0]
+        if self._shuffle is None:
+            # Integer-only, so the executors' lower LLVM level gives the same bits, sooner.
+            options = init_compiler_options()
+            self._shuffle = jax.jit(
+                client_batches, static_argnums=(1, 2, 4, 5, 6), compiler_options=options
+            )
+        sizes = (layout.slot, layout.num_slots, jnp.int32(n), layout.n_max)
+        return self._shuffle(key, *sizes, self.batch_size, self.epochs)
 
     def run(
         self,
@@ -93,18 +118,20 @@ class ClientRunner:
         x_N: Any,
         y_N: Any,
         key: jax.Array,
-        client_id: int,
         round_: int,
+        layout: Layout,
         orders: Sequence[np.ndarray] | None = None,
     ) -> tuple[Any, Any, Any]:
         """``(message, new row, metrics)`` of one round on this client's ``n`` examples."""
         n = int(jax.tree.leaves(y_N)[0].shape[0])
+        if n > layout.n_max:
+            raise ValueError(f"this client holds {n} examples, more than n_max={layout.n_max}.")
         open_, steps, close = self._jitted(round_)
-        shuffle = jax.random.fold_in(jax.random.fold_in(key, SHUFFLE_STREAM), client_id)
-        idx, mask = self.batches(shuffle, n, orders)
-        ckey = client_key(key, jnp.int32(client_id))
+        idx, mask = self.batches(key, layout, n, orders)
+        ckey = client_key(key, jnp.int32(layout.slot))
         carry = open_(server, row)
-        for s, num, masked in schedule(n, n, self.batch_size, self.epochs, 1):
+        calls = schedule(n, layout.n_max, self.batch_size, self.epochs, 1, layout.budget)
+        for s, num, masked in calls:
             carry = steps(num, masked, carry, x_N, y_N, idx, mask, ckey, jnp.int32(s))
         message, new_row, metrics = close(carry)
         one = jax.tree.map(lambda a: a[None], (message, new_row))
@@ -116,6 +143,22 @@ def client_id_of(context: Context) -> int:
     """The client's id (its step keys and shuffle): ``partition-id`` of its node config,
     else its node id."""
     return int(context.node_config.get("partition-id", context.node_id))
+
+
+def layout_of(record: Any) -> Layout:
+    """The :class:`Layout` a round record carries (written by ``ServerRunner.content``)."""
+    value = {k: int(record[k].numpy()) for k in ("slot", "num-slots", "n-max", "budget")}
+    budget = None if value["budget"] == NO_BUDGET else value["budget"]
+    return Layout(value["slot"], value["num-slots"], value["n-max"], budget)
+
+
+def size_reply(msg: Message, context: Context, load_data: LoadData) -> Message:
+    """Answer the server's query for this client's id and number of examples (what every
+    train reply tells it anyway), from which it lays out the rounds."""
+    _, y_N = load_data(context)
+    n = int(jax.tree.leaves(y_N)[0].shape[0])
+    meta = MetricRecord({"num-examples": n, "client-id": client_id_of(context)})
+    return Message(content=RecordDict({"meta": meta}), reply_to=msg)
 
 
 def train_reply(
@@ -133,7 +176,7 @@ def train_reply(
     server_t, row_t = runner.templates(x_N)
     server = from_record(msg.content["server"], server_t, f"server state (client data {shape})")
     round_rec = msg.content["round"]
-    round_ = int(round_rec["round"].numpy())
+    round_, layout = int(round_rec["round"].numpy()), layout_of(round_rec)
     key = jax.random.wrap_key_data(jnp.asarray(round_rec["key"].numpy()))
     if STATE_KEY in context.state:
         row = from_record(context.state[STATE_KEY], row_t, "this client's kept state")
@@ -144,11 +187,10 @@ def train_reply(
             "this client holds no state and the server sent none: the node lost its "
             "Context.state (restarted); restart the run."
         )
-    cid = client_id_of(context)
     orders = None if batch_order is None else batch_order(context, round_, n)
-    message, row, metrics = runner.run(server, row, x_N, y_N, key, cid, round_, orders)
+    message, row, metrics = runner.run(server, row, x_N, y_N, key, round_, layout, orders)
     context.state[STATE_KEY] = to_record(row)
-    meta = MetricRecord({"num-examples": n, "client-id": cid})
+    meta = MetricRecord({"num-examples": n, "client-id": layout.slot})
     content = RecordDict(
         {"message": to_record(message), "metrics": to_record(metrics), "meta": meta}
     )
@@ -165,12 +207,17 @@ def client_app(
 ) -> ClientApp:
     """A Flower ``ClientApp`` training ``alg`` on ``load_data(context) -> (x_N, y_N)`` (the
     node's own examples, e.g. chosen by ``context.node_config``). ``batch_order(context,
-    round, n)``: given per-epoch example orders (default: shuffled by the round key)."""
+    round, n)``: given per-epoch example orders (default: the executors' shuffle by the round
+    key). Step budgets come from the server (``server_app(..., budget=)``)."""
     runner = ClientRunner(alg, batch_size=batch_size, local_epochs=local_epochs)
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return train_reply(runner, msg, context, load_data, batch_order)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return size_reply(msg, context, load_data)
 
     return app

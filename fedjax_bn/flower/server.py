@@ -7,11 +7,16 @@ the replies with the executors' own :func:`~fedjax_bn.execution.quarantine.aggre
 (weights: the clients' example counts; a non-finite message is dropped). Clients' rows never
 come back: the server holds no ``FedState.clients``. Nodes that sit a round out keep their
 state on their side.
+
+Before a node's first round the server asks it (a query message) for its client id and its
+number of examples, and then tells every client its :class:`~fedjax_bn.flower.client.Layout`
+(slot, number of slots, the largest client's size) and, with a ``budget``, its step budget
+drawn as ``make_round`` draws it: so a deployed round is the simulated round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,8 +26,11 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDi
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from fedjax_bn import budgets
 from fedjax_bn.algorithms.base import Algorithm, stage_at
 from fedjax_bn.execution.quarantine import aggregate_round
+from fedjax_bn.execution.streams import BUDGET_STREAM
+from fedjax_bn.flower.client import NO_BUDGET
 from fedjax_bn.flower.records import from_record, stack_trees, to_record
 
 OnRound = Callable[[int, Any, dict[str, np.ndarray]], None]  # (round, server, metrics)
@@ -35,10 +43,19 @@ def round_key(seed: int, round_: int) -> jax.Array:
 
 
 class ServerRunner:
-    """The server's state and its jitted fold, for ``num_clients`` clients in all."""
+    """The server's state and its jitted fold, for ``num_clients`` clients in all; ``budget``:
+    each client's most local steps per round, as ``make_round(budget=)`` takes it."""
 
-    def __init__(self, alg: Algorithm, rng_or_variables: Any, sample_x: Any, num_clients: int):
-        self.alg = alg
+    def __init__(
+        self,
+        alg: Algorithm,
+        rng_or_variables: Any,
+        sample_x: Any,
+        num_clients: int,
+        budget: budgets.Budget | Sequence[int] | np.ndarray | None = None,
+    ):
+        self.alg, self.num_clients, self.budget = alg, num_clients, budgets.as_budget(budget)
+        self.sizes: dict[int, tuple[int, int]] = {}  # node id -> (client id, examples)
         # init with the population size: algorithms read it (SCAFFOLD's participation |S|/N).
         state = alg.init(rng_or_variables, sample_x, num_clients)
         self.server, self.round = state.server, int(state.round)
@@ -62,11 +79,27 @@ class ServerRunner:
         self.round += 1
         return np.asarray(bad)
 
-    def content(self, key: jax.Array, first_contact: bool) -> RecordDict:
-        """A train message's content for this round."""
+    def draw_budget(self, key: jax.Array) -> np.ndarray | None:
+        """This round's budgets per client id (None without one), drawn as ``make_round``
+        draws them: from the round key's ``BUDGET_STREAM``."""
+        stream = None if self.budget is None else jax.random.fold_in(key, BUDGET_STREAM)
+        return budgets.draw(self.budget, stream, self.round, self.num_clients)
+
+    def content(
+        self, key: jax.Array, node: int, first_contact: bool, budget_C: np.ndarray | None = None
+    ) -> RecordDict:
+        """A train message's content for ``node`` this round (its sizes already learned)."""
+        cid, _ = self.sizes[node]
+        layout = {
+            "slot": cid,
+            "num-slots": self.num_clients,
+            "n-max": max(n for _, n in self.sizes.values()),
+            "budget": NO_BUDGET if budget_C is None else int(budget_C[cid]),
+        }
+        arrays = {"round": self.round, **layout}
         round_rec = ArrayRecord(
             array_dict={
-                "round": Array(np.asarray(self.round, np.int64)),
+                **{k: Array(np.asarray(v, np.int64)) for k, v in arrays.items()},
                 "key": Array(np.asarray(jax.random.key_data(key))),
             }
         )
@@ -74,6 +107,21 @@ class ServerRunner:
         if first_contact:
             content["init"] = to_record(self.init_row)
         return content
+
+    def learn_sizes(self, replies: list[Message]) -> None:
+        """Record each queried node's client id and size; refuse ids outside the federation."""
+        for reply in replies:
+            if reply.has_error():
+                raise RuntimeError(f"a client failed to report its size: {reply.error.reason}")
+            meta = reply.content["meta"]
+            cid, n = int(meta["client-id"]), int(meta["num-examples"])
+            taken = {c for node, (c, _) in self.sizes.items() if node != reply.metadata.src_node_id}
+            if not 0 <= cid < self.num_clients or cid in taken:
+                raise ValueError(
+                    f"a node reports client id {cid}: ids must be distinct and in "
+                    f"[0, num_clients={self.num_clients})."
+                )
+            self.sizes[reply.metadata.src_node_id] = (cid, n)
 
     def replies(self, replies: list[Message]) -> tuple[Any, Any, np.ndarray, list[int]]:
         """Stacked (messages, metrics), weights and client ids of replies, in client-id order."""
@@ -98,6 +146,27 @@ def cohort_size(num_nodes: int, fraction_train: float, min_train_nodes: int) -> 
     return max(int(num_nodes * fraction_train), min_train_nodes)
 
 
+def exchange(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """``grid.send_and_receive``, refusing a round where a node did not reply."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    if len(replies) != len(messages):
+        raise RuntimeError(
+            f"{len(messages) - len(replies)} of {len(messages)} clients "
+            "did not reply within the timeout."
+        )
+    return replies
+
+
+def query_sizes(grid: Grid, runner: ServerRunner, nodes: list[int], timeout: float | None):
+    """Ask the ``nodes`` whose size the server does not know yet for their id and size."""
+    new = sorted(node for node in nodes if node not in runner.sizes)
+    if new:
+        queries = [
+            Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in new
+        ]
+        runner.learn_sizes(exchange(grid, queries, timeout))
+
+
 def run_server(
     grid: Grid,
     runner: ServerRunner,
@@ -114,24 +183,23 @@ def run_server(
     for _ in range(num_rounds):
         connected = max(len(list(grid.get_node_ids())), min_train_nodes)
         size = cohort_size(connected, fraction_train, min_train_nodes)
-        nodes, _ = sample_nodes(grid, min_train_nodes, size)
+        nodes, every = sample_nodes(grid, min_train_nodes, size)
+        query_sizes(grid, runner, list(every), timeout)
         key = round_key(seed, runner.round)
+        budget_C = runner.draw_budget(key)
         messages = [
             Message(
-                runner.content(key, node not in met),
+                runner.content(key, node, node not in met, budget_C),
                 dst_node_id=node,
                 message_type=MessageType.TRAIN,
             )
             for node in sorted(nodes)
         ]
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        if len(replies) != len(messages):
-            raise RuntimeError(
-                f"{len(messages) - len(replies)} of {len(messages)} clients "
-                "did not reply within the timeout."
-            )
+        replies = exchange(grid, messages, timeout)
         met |= set(nodes)
         msgs, mets, weights, ids = runner.replies(replies)
+        if budget_C is not None:  # a client with budget 0 trained on nothing: weight 0
+            weights = np.asarray(budgets.budget_weights(weights, budget_C[ids]))
         bad = runner.fold(msgs, mets, weights)
         if on_round is not None:
             on_round(
@@ -149,6 +217,7 @@ def server_app(
     num_clients: int,
     num_rounds: int,
     rng_or_variables: Any = None,
+    budget: budgets.Budget | Sequence[int] | np.ndarray | None = None,
     seed: int = 0,
     fraction_train: float = 1.0,
     min_train_nodes: int = 2,
@@ -157,13 +226,14 @@ def server_app(
 ) -> ServerApp:
     """A Flower ``ServerApp`` running ``alg`` for ``num_rounds`` rounds over ``num_clients``
     clients (the population ``init`` sees); the model starts from ``rng_or_variables``
-    (default ``jax.random.key(seed)``); ``on_done(server, context)`` gets the final state."""
+    (default ``jax.random.key(seed)``); ``budget``: each client's most local steps per round
+    (``make_round(budget=)``'s forms); ``on_done(server, context)`` gets the final state."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         start = jax.random.key(seed) if rng_or_variables is None else rng_or_variables
-        runner = ServerRunner(alg, start, sample_x, num_clients)
+        runner = ServerRunner(alg, start, sample_x, num_clients, budget)
         server = run_server(
             grid,
             runner,

@@ -14,6 +14,9 @@
 - the server uses ``weights_C`` only as a participation mask (``weights_C > 0``: empty cohort
   slots and quarantined clients): every participant counts once and the noised sum is divided
   by the fixed expected cohort size (uniform weights; example counts would leak sizes);
+- ``frozen_stats(server)`` (FixBN after its freeze): while true the BN statistics' entries of
+  every update are zero (a constant, whatever the client's data) and the server keeps its
+  statistics as they are; the noise on those entries is discarded (post-processing);
 - the round's noise key is ``fold_in(key(seed), dp.round)``, ``dp.round`` counting the
   server's updates, so a run is reproducible from its state. The server runs its update on
   rounds where no client took part too (``Algorithm.update_empty``): noise is released every
@@ -37,6 +40,7 @@ if TYPE_CHECKING:  # the algorithms package imports this module: no run-time imp
 
 Array = jax.Array
 ServerStep = Callable[[Variables, Any, Variables], tuple[Variables, Any]]
+FrozenStats = Callable[[Any], "Array | bool"]  # server -> whether BN statistics are frozen
 
 
 class DPState(NamedTuple):
@@ -62,6 +66,7 @@ class DPCarry(NamedTuple):
     base: Any
     start: Variables
     clip: Array
+    frozen: Array | None = None  # BN statistics frozen this round (None: never frozen)
 
 
 class DPMessage(NamedTuple):
@@ -99,13 +104,35 @@ def _cast_into(tree: Variables, flat: Flat) -> Variables:
     return with_leaves(tree, {p: flat[p].astype(old[p].dtype) for p in old})
 
 
-def privatize(alg: Algorithm, dp: Gaussian, *, server_step: ServerStep, how: BnStats) -> Algorithm:
+def without_stats(delta: Flat, frozen: Array | None) -> Flat:
+    """``delta`` with its ``batch_stats`` entries zeroed where ``frozen`` (None: unchanged)."""
+    if frozen is None:
+        return delta
+    return {
+        p: jnp.where(frozen, jnp.zeros_like(v), v) if p[0] == "batch_stats" else v
+        for p, v in delta.items()
+    }
+
+
+def privatize(
+    alg: Algorithm,
+    dp: Gaussian,
+    *,
+    server_step: ServerStep,
+    how: BnStats,
+    frozen_stats: FrozenStats | None = None,
+) -> Algorithm:
     """``alg`` (a FedAvg-family algorithm whose server state has ``shared``, ``pooled``,
     ``opt_state`` and whose message has ``shared``, ``pooled``, ``steps=None``) as DP-FedAvg.
 
     ``server_step(shared, opt_state, mean) -> (shared, opt_state)``: the server optimizer's
     step from the noised mean (post-processing; plain FedAvg takes the mean).
+    ``frozen_stats(server)``: whether the BN statistics are frozen in the round that starts
+    from ``server`` (a bool, or a traced one from the server's state); None: never.
     """
+
+    def is_frozen(server: DPServer) -> Array | None:
+        return None if frozen_stats is None else jnp.asarray(frozen_stats(server))
 
     def init(rng_or_variables: Any, sample_x: Array, num_clients: int) -> FedState:
         state = alg.init(rng_or_variables, sample_x, num_clients)
@@ -115,7 +142,8 @@ def privatize(alg: Algorithm, dp: Gaussian, *, server_step: ServerStep, how: BnS
 
     def client_init(server: DPServer, client: Any) -> DPCarry:
         start = unflatten(moments(merge(server.shared, server.pooled), how))
-        return DPCarry(alg.client_init(server, client), start, server.dp.clip)
+        base = alg.client_init(server, client)
+        return DPCarry(base, start, server.dp.clip, is_frozen(server))
 
     def client_step(carry: DPCarry, batch: Any) -> DPCarry:
         return carry._replace(base=alg.client_step(carry.base, batch))
@@ -126,7 +154,8 @@ def privatize(alg: Algorithm, dp: Gaussian, *, server_step: ServerStep, how: BnS
             raise ValueError("DP-FedAvg sends no step count; normalize='fednova' is refused.")
         new = moments(merge(message.shared, message.pooled), how)
         start = flatten(carry.start)
-        clipped, below = clip_flat({p: new[p] - start[p] for p in start}, carry.clip)
+        delta = without_stats({p: new[p] - start[p] for p in start}, carry.frozen)
+        clipped, below = clip_flat(delta, carry.clip)
         return DPMessage(unflatten(clipped), below), client, metrics
 
     def server_update(server: DPServer, messages: DPMessage, weights_C: Array) -> DPServer:
@@ -145,6 +174,9 @@ def privatize(alg: Algorithm, dp: Gaussian, *, server_step: ServerStep, how: BnS
             server.shared, server.opt_state, _cast_into(server.shared, new)
         )
         pooled = server.pooled and _cast_into(server.pooled, new)
+        if frozen_stats is not None and server.pooled:
+            keep = is_frozen(server)
+            pooled = jax.tree.map(lambda o, n: jnp.where(keep, o, n), server.pooled, pooled)
         clip = next_clip(dp, server.dp.clip, messages.below, mask_C, denominator, count_key)
         return DPServer(shared, pooled, opt_state, DPState(clip, server.dp.round + 1))
 

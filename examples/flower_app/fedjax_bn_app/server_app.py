@@ -9,6 +9,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+import fedjax_bn as fb
 from fedjax_bn.flower import ServerRunner, run_server
 from fedjax_bn.flower.records import leaf_paths
 from fedjax_bn_app.task import algorithm, sample_x
@@ -19,8 +20,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
+    if cfg.get("compilation-cache", False):
+        fb.enable_compilation_cache()
+    num_clients, steps = int(cfg["num-clients"]), int(cfg.get("local-steps", 0))
+    budget = [steps] * num_clients if steps > 0 else None  # most local steps a round
     runner = ServerRunner(
-        algorithm(cfg), jax.random.key(int(cfg["seed"])), sample_x(), int(cfg["num-clients"])
+        algorithm(cfg), jax.random.key(int(cfg["seed"])), sample_x(), num_clients, budget
     )
 
     last = [time.perf_counter()]

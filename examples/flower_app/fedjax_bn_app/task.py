@@ -13,14 +13,27 @@ from fedjax_bn.data import load_digits
 ALGORITHMS = ("fedavg", "fedbn", "fedbn_prox", "scaffold")
 
 
+def model_and_optimizer(config: Any) -> tuple[fb.SeedCNN, optax.GradientTransformation]:
+    """``model = "small"``: SeedCNN 8 + FC 32, SGD at ``lr``; ``"reference"``: SeedCNN 32/64 +
+    FC 128 with Adam 5e-4 and coupled weight decay 1e-4, the torch baseline's model and
+    optimizer (``benchmarks/torch_reference.py``, ``benchmarks/flower_torch_app``)."""
+    kind, lr = str(config.get("model", "small")), float(config["lr"])
+    if kind == "small":
+        return fb.SeedCNN(num_classes=10, widths=(8,), hidden=32), optax.sgd(lr)
+    if kind == "reference":
+        model = fb.SeedCNN(num_classes=10, widths=(32, 64), hidden=128)
+        return model, optax.chain(optax.add_decayed_weights(1e-4), optax.adam(5e-4))
+    raise ValueError(f"unknown model {kind!r}; pick small or reference.")
+
+
 def algorithm(config: Any) -> fb.Algorithm:
-    """The run's algorithm (a small SeedCNN on 8x8 digits), from ``run_config``."""
-    model = fb.SeedCNN(num_classes=10, widths=(8,), hidden=32)
+    """The run's algorithm on 8x8 digits, from ``run_config``."""
+    model, tx = model_and_optimizer(config)
     name, lr = str(config["algorithm"]), float(config["lr"])
     if name == "fedavg":
-        return fb.fedavg(model, optax.sgd(lr))
+        return fb.fedavg(model, tx)
     if name == "fedbn":
-        return fb.fedbn(model, optax.sgd(lr))
+        return fb.fedbn(model, tx)
     if name == "fedbn_prox":
         return fb.fedbn_prox(
             model, optax.sgd(lr, momentum=0.9), mu=0.01, persist_client_optimizer=True

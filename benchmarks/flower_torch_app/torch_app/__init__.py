@@ -1,0 +1,1 @@
+"""torch + Flower FedAvg, the peers' baseline for ``benchmarks/flower_overhead.py``."""
