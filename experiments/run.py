@@ -10,15 +10,13 @@ saved there (its config, its checkpoints; bit for bit), ``--overwrite`` replaces
 
 from __future__ import annotations
 
-import ast
 import difflib
-import io
+import inspect
 import json
 import runpy
 import signal
 import sys
 import textwrap
-import tokenize
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import registry, runner
+from experiments.configs import base
 from fedjax_bn.execution import EXECUTORS
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "base.py")
@@ -93,47 +92,6 @@ def parse_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
     return holder.value
 
 
-def _dotted(target: ast.expr) -> str | None:
-    """``'data.alpha'`` for an assignment target ``c.data.alpha``, else None."""
-    parts: list[str] = []
-    while isinstance(target, ast.Attribute):
-        parts.insert(0, target.attr)
-        target = target.value
-    return ".".join(parts) if parts and isinstance(target, ast.Name) else None
-
-
-def _comments(source: str) -> tuple[dict[int, str], dict[int, str]]:
-    """(trailing, full-line) comment text of ``source`` by line number."""
-    trailing: dict[int, str] = {}
-    whole: dict[int, str] = {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            line, col = tok.start
-            text = tok.string.lstrip("#").strip()
-            (trailing if tok.line[:col].strip() else whole)[line] = text
-    return trailing, whole
-
-
-def field_meanings(path: str) -> dict[str, str]:
-    """Each field config file ``path`` sets, in source order, with its meaning: the trailing
-    ``# comment`` of its line (``c.data.alpha = 0.5  # ...``), else the comment lines right
-    above it, else ''."""
-    source = Path(path).read_text()
-    trailing, whole = _comments(source)
-    out: dict[str, str] = {}
-    for node in ast.walk(ast.parse(source)):
-        if not isinstance(node, ast.Assign) or not (field := _dotted(node.targets[0])):
-            continue
-        above, line = [], node.lineno - 1
-        while line in whole:
-            above.insert(0, whole[line])
-            line -= 1
-        out[field] = (
-            trailing.get(node.lineno) or trailing.get(node.end_lineno or 0) or " ".join(above)
-        )
-    return out
-
-
 def _valid_names() -> dict[str, list[str]]:
     """The names each name field accepts, from the registries."""
     return {
@@ -147,21 +105,24 @@ def _valid_names() -> dict[str, list[str]]:
     }
 
 
-def _merged_meanings(path: str) -> dict[str, str]:
-    """base.py's field meanings, each followed by what config file ``path`` says of it."""
-    meanings = field_meanings(DEFAULT_CONFIG)
-    name = Path(path).name
-    for k, v in field_meanings(path).items():
-        if v and v != meanings.get(k):
+def field_meanings(notes: dict[str, str], name: str) -> dict[str, str]:
+    """What each field means (``base.HELP``, in its order), each followed by the note config
+    file ``name`` adds in its own ``HELP`` (``notes``), if any."""
+    meanings = dict(base.HELP)
+    for k, v in notes.items():
+        if v != meanings.get(k):
             meanings[k] = f"{meanings[k]} [{name}: {v}]" if meanings.get(k) else v
     return meanings
 
 
 def help_text(argv: Sequence[str]) -> str:
-    """Usage, every field with its value in the chosen config and its meaning, valid names."""
+    """Usage, the chosen config file's docstring, every field with its value there and its
+    meaning (the config files' ``HELP``), valid names."""
     spec = _config_file(argv)
+    path = spec.partition(":")[0]
+    module = runpy.run_path(path)
     fields: dict[str, Any] = runner.flat_fields(_load(spec))
-    meanings = _merged_meanings(spec.partition(":")[0])
+    meanings = field_meanings(module.get("HELP", {}), Path(path).name)
     order = {k: i for i, k in enumerate(meanings)}  # base.py's order, then the file's own
     values = {k: repr(v) for k, v in fields.items()}
     kw = max(map(len, fields))
@@ -173,6 +134,7 @@ def help_text(argv: Sequence[str]) -> str:
             initial_indent=f"  {k:<{kw}} = {values[k]:<{vw}}  # ",
             subsequent_indent=" " * (kw + vw + 9),
             break_on_hyphens=False,
+            break_long_words=False,
         )
         for k in sorted(fields, key=lambda k: order.get(k, len(order)))
     ]
@@ -180,9 +142,13 @@ def help_text(argv: Sequence[str]) -> str:
         textwrap.fill(", ".join(v), HELP_WIDTH, initial_indent=f"  {k}: ", subsequent_indent="    ")
         for k, v in _valid_names().items()
     ]
+    about = inspect.cleandoc(module.get("__doc__") or "")
     return "\n".join(
         [
             USAGE,
+            f"{path}:",
+            textwrap.indent(about, "  "),
+            "",
             f"Fields (--config.FIELD=VALUE), their values in {spec}\nand what they mean:",
             *lines,
             "",

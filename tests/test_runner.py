@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -284,14 +285,31 @@ def test_cli_bad_seed_prints_one_line_and_no_traceback(tmp_path) -> None:
     assert not out.exists()
 
 
-def test_help_shows_meanings_values_and_valid_names(capsys) -> None:
+def test_help_shows_the_config_docstring_meanings_values_and_valid_names(capsys) -> None:
     assert run.main(["run", f"--config={SMOKE}", "--help"]) == 0
     text = capsys.readouterr().out
+    assert "A seconds-long smoke run: tiny model" in text  # smoke.py's docstring
     lines = {line.split()[0]: line for line in text.splitlines() if " = " in line}
     assert "= 2" in lines["rounds"] and "rounds per run" in lines["rounds"]  # smoke's value
     assert "= 0.5" in lines["data.alpha"] and "Dirichlet" in lines["data.alpha"]
     assert set(runner.flat_fields(run.parse_config(["run", f"--config={SMOKE}"]))) <= set(lines)
     assert "(no description)" not in text  # every field in base.py says what it means
+
+
+def test_base_help_names_every_field_once_and_nothing_else() -> None:
+    """base.HELP is the one place a field's meaning lives: exactly the fields get_config sets."""
+    assert set(base.HELP) == set(runner.flat_fields(base.get_config()))
+    assert all(base.HELP.values())
+
+
+def test_a_config_files_help_notes_follow_the_base_meaning(capsys) -> None:
+    """A study's HELP note on a field it sets is printed after base.py's meaning of it."""
+    path = str(Path(SMOKE).parent / "bn_methods.py")
+    assert run.main(["run", f"--config={path}", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[bn_methods.py: half of the 40 rounds train as FedAvg, then BN is frozen]" in text
+    for config in Path(SMOKE).parent.glob("*.py"):  # notes only on fields base.py defines
+        assert set(runpy.run_path(str(config)).get("HELP", {})) <= set(base.HELP), config.name
     for names in (registry.ALGORITHMS, registry.SETTINGS, registry.MODELS, registry.OPTIMIZERS):
         assert all(name in text for name in names)
 

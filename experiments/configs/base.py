@@ -18,118 +18,196 @@ from __future__ import annotations
 
 import ml_collections
 
+# What each field means; `python -m experiments.run --help` prints it beside the chosen
+# config's values. Every field get_config sets has an entry (tests/test_runner.py).
+HELP: dict[str, str] = {
+    "name": "names the default output directory",
+    "settings": "registry names (experiments/registry.py); a comma-separated string works too",
+    "algorithms": "compared on every setting, each run with every seed (registry names)",
+    "seeds": "each seed derives separate init / partition / shuffling seeds",
+    "rounds": "federated rounds per run",
+    "eval_every": "rounds 1 and the last are always evaluated too",
+    "batch_size": "client training batch size",
+    "local_epochs": "passes over its data a client makes per round",
+    "executor": "any executor fedjax_bn.make_round knows",
+    "client_threads": "sequential: host threads running clients at once; 0: 2 on a CPU, else 1",
+    "mu": "FedProx proximal weight (fedprox, fedbn_prox, fedprox_bn_eval)",
+    "clip_norm": "clip each client's update of the shared params to this L2 norm; 0: off",
+    "server_lr": "fedavgm/fedadam/fedyogi/fedadagrad server lr; 0: the factory's default",
+    "fix_round": "fixbn: rounds < fix_round are FedAvg, later rounds train BN on the frozen "
+    "global statistics (half of the default 40 rounds, the paper's exploration/calibration split)",
+    "head": "fedper/fedrep/lg_fedavg: head modules (seed_cnn's classifier layer)",
+    "head_steps": "fedrep: local steps per round that train the head alone, body frozen",
+    "ditto_lambda": "ditto: proximal weight of the personal model towards the global one",
+    "out_dir": "empty: results/<name>-<timestamp>",
+    "recalibrate": "evaluate fedavg-policy models after exact BN recalibration",
+    "cohort_size": "clients sampled per round (by `sampler`); 0: every client every round",
+    "sampler": "cohort sampler: uniform | by_size | available (see availability)",
+    "availability": "sampler=available: each client's chance of being online in a round",
+    "held_out": "the partition's last this many clients never train; evaluated as newcomers",
+    "eval_clients": "clients evaluated at intermediate evaluations (a sample); 0: all",
+    "adapt_bn": "also evaluate never-trained and held-out clients after AdaBN",
+    "budget_min_steps": "stragglers: local steps drawn per client and round from "
+    "[budget_min_steps, budget_max_steps]",
+    "budget_max_steps": "see budget_min_steps; 0: no budget",
+    "parallel_runs": "seeds of one setting and algorithm trained as one batched federation "
+    "(fb.vmap_runs), this many at a time; 1: one run at a time; no cohorts, DP or budgets with > 1",
+    "checkpoint_every": "save the run state (orbax) every this many rounds, and at the end",
+    "keep_checkpoints": "how many of a run's latest checkpoints are kept",
+    "progress": "tqdm bar per run",
+    "tensorboard": "TensorBoard events in <out_dir>/tensorboard (tensorboardX)",
+    "compilation_cache": "jax's persistent compilation cache: runs sharing programs (and every "
+    "later invocation) skip most of the first round's compilation; empty: disabled",
+    "augment": 'training-batch augment: "" (none) | crop | flip | cifar (pad-4 crop + flip)',
+    "loss": "cross_entropy | label_smoothing (config.label_smoothing)",
+    "label_smoothing": "label_smoothing loss: mass spread uniformly over all classes",
+    "data.num_clients": "clients the data is split among",
+    "data.alpha": "Dirichlet concentration of label-skew settings",
+    "data.min_size": "fewest train examples per client under label skew",
+    "data.name": "data set name, for sources that hold several (tfds)",
+    "data.data_dir": "where a downloading source caches its files; empty: its default",
+    "data.max_train": "tfds sources: keep this many train examples (0: all)",
+    "data.max_test": "tfds sources: keep this many test examples (0: all)",
+    "model.name": "seed_cnn | digit_model | resnet18 | nnx_cnn",
+    "model.widths": "seed_cnn: conv+BN+ReLU block widths",
+    "model.hidden": "seed_cnn: first FC layer width",
+    "model.conv_widths": "digit_model: conv block widths",
+    "model.fc_widths": "digit_model: FC layer widths",
+    "model.num_filters": "resnet18: width of the first stage",
+    "model.dropout": "nnx_cnn: dropout rate before the classifier",
+    "model.momentum": "BN running-statistics momentum",
+    "model.norm": "normalization layers: batch (BatchNorm, the default) | group (GroupNorm, "
+    "min(32, C) groups) | layer (LayerNorm) | none (no norm, weight-standardized convs, as FedWon)",
+    "optim.name": "adam | sgd",
+    "optim.lr": "client learning rate",
+    "optim.weight_decay": "coupled L2 (added to the gradient), as torch's Adam does",
+    "optim.momentum": "sgd only",
+    "monitor.probe_size": "examples per client in the fixed probe batch",
+    "eval_batch_size": "batch size of evaluation only",
+    "dp.enabled": "True: every algorithm of the run trains with DP-FedAvg (fedjax_bn.privacy, "
+    "docs/privacy.md)",
+    "dp.noise_multiplier": "z: noise std z * clip on the sum of clipped updates",
+    "dp.clip_norm": "L2 clip of each client's whole update (the start when adaptive)",
+    "dp.target_epsilon": "> 0: calibrate noise_multiplier to it for config.rounds",
+    "dp.delta": "0: 1 / (number of training clients)",
+    "dp.q": "> 0: Poisson sampling at this rate (cohort_size: the bucket, 0: auto)",
+    "dp.target_quantile": "> 0: adaptive clipping toward this quantile of update norms",
+    "dp.clip_learning_rate": "adaptive clipping's geometric step",
+    "dp.accountant": "rdp | pld (dp_accounting)",
+    "sweep.optim.lr": "a grid in one process (experiments/sweep.py), every point its own run "
+    "sharing the compiled programs: client learning rates, e.g. 1e-4,5e-4,1e-3; '': not swept",
+    "sweep.optim.weight_decay": "client weight decays to sweep",
+    "sweep.optim.momentum": "sgd momenta to sweep (each > 0; optim.momentum > 0)",
+    "sweep.mu": "FedProx mu values to sweep (prox algorithms, config.mu > 0)",
+    "sweep.clip_norm": "update clip norms to sweep (config.clip_norm > 0)",
+    "sweep.server_lr": "server learning rates to sweep (server optimizers; each > 0)",
+    "sweep.dp.noise_multiplier": "DP noise multipliers to sweep (fixed clip only)",
+    "sweep.dp.clip_norm": "DP clip norms to sweep (dp.enabled)",
+    "compress.spec": "compression of what clients send (docs/robust_and_compression.md), for "
+    "every algorithm: q<bits> | top<k> | stc<k>, optionally ef_-prefixed; '': none; an "
+    "algorithm named like fedavg+q4 gets its own spec instead",
+    "compress.seed": "stochastic quantization's keys: fold_in(PRNGKey(seed), client)",
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The default digits BatchNorm study."""
     c = ml_collections.ConfigDict()
-    c.name = "digits_bn"  # names the default output directory
-    # Registry names (experiments/registry.py); a comma-separated string works too.
+    c.name = "digits_bn"
     c.settings = ("digits_label_skew", "digits_feature_shift")
-    # Algorithms compared on every setting, each run with every seed.
     c.algorithms = ("fedavg", "fedprox", "fedbn", "silobn", "fedprox_bn_eval")
-    c.seeds = (0,)  # each seed derives separate init / partition / shuffling seeds
-    c.rounds = 40  # federated rounds per run
-    c.eval_every = 4  # rounds 1 and the last are always evaluated too
-    c.batch_size = 32  # client training batch size
-    c.local_epochs = 1  # passes over its data a client makes per round
-    c.executor = "sequential"  # any executor fedjax_bn.make_round knows
-    c.client_threads = 0  # sequential: host threads running clients at once; 0: 2 on a CPU, else 1
-    c.mu = 1e-3  # FedProx proximal weight (fedprox, fedbn_prox, fedprox_bn_eval)
-    c.clip_norm = 0.0  # clip each client's update of the shared params to this L2 norm; 0: off
-    c.server_lr = 0.0  # fedavgm/fedadam/fedyogi/fedadagrad server lr; 0: the factory's default
-    # fixbn: rounds < fix_round are FedAvg, later rounds train BN on the frozen global
-    # statistics (half of the default 40 rounds, the paper's exploration/calibration split).
+    c.seeds = (0,)
+    c.rounds = 40
+    c.eval_every = 4
+    c.batch_size = 32
+    c.local_epochs = 1
+    c.executor = "sequential"
+    c.client_threads = 0
+    c.mu = 1e-3
+    c.clip_norm = 0.0
+    c.server_lr = 0.0
     c.fix_round = 20
-    c.head = "Dense_1"  # fedper/fedrep/lg_fedavg: head modules (seed_cnn's classifier layer)
-    c.head_steps = 2  # fedrep: local steps per round that train the head alone, body frozen
-    c.ditto_lambda = 0.1  # ditto: proximal weight of the personal model towards the global one
-    c.out_dir = ""  # empty: results/<name>-<timestamp>
-    c.recalibrate = False  # evaluate fedavg-policy models after exact BN recalibration
-    c.cohort_size = 0  # clients sampled per round (by `sampler`); 0: every client every round
-    c.sampler = "uniform"  # cohort sampler: uniform | by_size | available (see availability)
-    c.availability = 1.0  # sampler=available: each client's chance of being online in a round
-    c.held_out = 0  # the partition's last this many clients never train; evaluated as newcomers
-    c.eval_clients = 0  # clients evaluated at intermediate evaluations (a sample); 0: all
-    c.adapt_bn = False  # also evaluate never-trained and held-out clients after AdaBN
-    c.budget_min_steps = 0  # stragglers: local steps drawn per client and round from
-    c.budget_max_steps = 0  # [budget_min_steps, budget_max_steps]; 0: no budget
-    # Seeds of one setting and algorithm trained as one batched federation (fb.vmap_runs),
-    # this many at a time; 1: one run at a time. No cohorts, DP or budgets with > 1.
+    c.head = "Dense_1"
+    c.head_steps = 2
+    c.ditto_lambda = 0.1
+    c.out_dir = ""
+    c.recalibrate = False
+    c.cohort_size = 0
+    c.sampler = "uniform"
+    c.availability = 1.0
+    c.held_out = 0
+    c.eval_clients = 0
+    c.adapt_bn = False
+    c.budget_min_steps = 0
+    c.budget_max_steps = 0
     c.parallel_runs = 1
-    c.checkpoint_every = 5  # save the run state (orbax) every this many rounds, and at the end
-    c.keep_checkpoints = 2  # how many of a run's latest checkpoints are kept
-    c.progress = True  # tqdm bar per run
-    c.tensorboard = True  # TensorBoard events in <out_dir>/tensorboard (tensorboardX)
-    # jax's persistent compilation cache: runs sharing programs (and every later invocation)
-    # skip most of the first round's compilation. Empty: disabled.
+    c.checkpoint_every = 5
+    c.keep_checkpoints = 2
+    c.progress = True
+    c.tensorboard = True
     c.compilation_cache = "~/.cache/fedjax_bn/jax"
-    c.augment = ""  # training-batch augment: "" (none) | crop | flip | cifar (pad-4 crop + flip)
-    c.loss = "cross_entropy"  # cross_entropy | label_smoothing (config.label_smoothing)
-    c.label_smoothing = 0.1  # label_smoothing loss: mass spread uniformly over all classes
+    c.augment = ""
+    c.loss = "cross_entropy"
+    c.label_smoothing = 0.1
 
     c.data = ml_collections.ConfigDict()
-    c.data.num_clients = 10  # clients the data is split among
-    c.data.alpha = 0.5  # Dirichlet concentration of label-skew settings
-    c.data.min_size = 10  # fewest train examples per client under label skew
-    c.data.name = "digits"  # data set name, for sources that hold several (tfds)
-    c.data.data_dir = ""  # where a downloading source caches its files; empty: its default
-    c.data.max_train = 0  # tfds sources: keep this many train examples (0: all)
-    c.data.max_test = 0  # tfds sources: keep this many test examples (0: all)
+    c.data.num_clients = 10
+    c.data.alpha = 0.5
+    c.data.min_size = 10
+    c.data.name = "digits"
+    c.data.data_dir = ""
+    c.data.max_train = 0
+    c.data.max_test = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "seed_cnn"  # seed_cnn | digit_model | resnet18 | nnx_cnn
-    c.model.widths = (32, 64)  # seed_cnn: conv+BN+ReLU block widths
-    c.model.hidden = 128  # seed_cnn: first FC layer width
-    c.model.conv_widths = (64, 64, 128)  # digit_model
-    c.model.fc_widths = (2048, 512)  # digit_model
-    c.model.num_filters = 64  # resnet18: width of the first stage
-    c.model.dropout = 0.25  # nnx_cnn: dropout rate before the classifier
-    c.model.momentum = 0.9  # BN running-statistics momentum
-    # Normalization layers: batch (BatchNorm, the default) | group (GroupNorm, min(32, C)
-    # groups) | layer (LayerNorm) | none (no norm, weight-standardized convs, as FedWon).
+    c.model.name = "seed_cnn"
+    c.model.widths = (32, 64)
+    c.model.hidden = 128
+    c.model.conv_widths = (64, 64, 128)
+    c.model.fc_widths = (2048, 512)
+    c.model.num_filters = 64
+    c.model.dropout = 0.25
+    c.model.momentum = 0.9
     c.model.norm = "batch"
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adam"  # adam | sgd
-    c.optim.lr = 5e-4  # client learning rate
-    c.optim.weight_decay = 1e-4  # coupled L2 (added to the gradient), as torch's Adam does
-    c.optim.momentum = 0.0  # sgd only
+    c.optim.name = "adam"
+    c.optim.lr = 5e-4
+    c.optim.weight_decay = 1e-4
+    c.optim.momentum = 0.0
 
     c.monitor = ml_collections.ConfigDict()
-    c.monitor.probe_size = 64  # examples per client in the fixed probe batch
+    c.monitor.probe_size = 64
 
-    c.eval_batch_size = 256  # batch size of evaluation only
+    c.eval_batch_size = 256
 
-    # DP-FedAvg (fedjax_bn.privacy, docs/privacy.md), for every algorithm of the run.
+    # DP-FedAvg, for every algorithm of the run (what each field means: HELP).
     c.dp = ml_collections.ConfigDict()
-    c.dp.enabled = False  # True: every algorithm of the run trains with DP-FedAvg
-    c.dp.noise_multiplier = 1.0  # z: noise std z * clip on the sum of clipped updates
-    c.dp.clip_norm = 1.0  # L2 clip of each client's whole update (the start when adaptive)
-    c.dp.target_epsilon = 0.0  # > 0: calibrate noise_multiplier to it for config.rounds
-    c.dp.delta = 0.0  # 0: 1 / (number of training clients)
-    c.dp.q = 0.0  # > 0: Poisson sampling at this rate (cohort_size: the bucket, 0: auto)
-    c.dp.target_quantile = 0.0  # > 0: adaptive clipping toward this quantile of update norms
-    c.dp.clip_learning_rate = 0.2  # adaptive clipping's geometric step
-    c.dp.accountant = "rdp"  # rdp | pld (dp_accounting)
+    c.dp.enabled = False
+    c.dp.noise_multiplier = 1.0
+    c.dp.clip_norm = 1.0
+    c.dp.target_epsilon = 0.0
+    c.dp.delta = 0.0
+    c.dp.q = 0.0
+    c.dp.target_quantile = 0.0
+    c.dp.clip_learning_rate = 0.2
+    c.dp.accountant = "rdp"
 
-    # A grid in one process (experiments/sweep.py): each field lists values, e.g.
-    # --config.sweep.optim.lr=1e-4,5e-4,1e-3; '' is not swept. Every point is its own run,
-    # trained with the same compiled programs (the values are data in the state).
+    # A grid in one process (experiments/sweep.py); '' is not swept.
     c.sweep = ml_collections.ConfigDict()
     c.sweep.optim = ml_collections.ConfigDict()
-    c.sweep.optim.lr = ""  # client learning rates to sweep, e.g. 1e-4,5e-4,1e-3
-    c.sweep.optim.weight_decay = ""  # client weight decays to sweep
-    c.sweep.optim.momentum = ""  # sgd momenta to sweep (each > 0; optim.momentum > 0)
-    c.sweep.mu = ""  # FedProx mu values to sweep (prox algorithms, config.mu > 0)
-    c.sweep.clip_norm = ""  # update clip norms to sweep (config.clip_norm > 0)
-    c.sweep.server_lr = ""  # server learning rates to sweep (server optimizers; each > 0)
+    c.sweep.optim.lr = ""
+    c.sweep.optim.weight_decay = ""
+    c.sweep.optim.momentum = ""
+    c.sweep.mu = ""
+    c.sweep.clip_norm = ""
+    c.sweep.server_lr = ""
     c.sweep.dp = ml_collections.ConfigDict()
-    c.sweep.dp.noise_multiplier = ""  # DP noise multipliers to sweep (fixed clip only)
-    c.sweep.dp.clip_norm = ""  # DP clip norms to sweep (dp.enabled)
+    c.sweep.dp.noise_multiplier = ""
+    c.sweep.dp.clip_norm = ""
 
-    # Compression of what clients send (fedjax_bn.compress, docs/robust_and_compression.md),
-    # for every algorithm; an algorithm named `fedavg+q4` gets its own spec instead.
+    # Compression of what clients send (fedjax_bn.compress), for every algorithm.
     c.compress = ml_collections.ConfigDict()
-    c.compress.spec = ""  # q<bits> | top<k> | stc<k>, optionally ef_-prefixed; "": none
-    c.compress.seed = 0  # stochastic quantization's keys: fold_in(PRNGKey(seed), client)
+    c.compress.spec = ""
+    c.compress.seed = 0
     return c

@@ -21,6 +21,11 @@ import ml_collections
 
 from experiments.configs import base
 
+# What this study's values of base.HELP's fields mean (printed by --help).
+HELP: dict[str, str] = {
+    "fix_round": "half of the 40 rounds train as FedAvg, then BN is frozen",
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The BN-methods study on digits."""
@@ -38,5 +43,5 @@ def get_config() -> ml_collections.ConfigDict:
         "fedprox_bn_eval",
     )
     c.seeds = (0, 1, 2)
-    c.fix_round = 20  # half of the 40 rounds train as FedAvg, then BN is frozen
+    c.fix_round = 20
     return c

@@ -19,6 +19,11 @@ import ml_collections
 
 from experiments.configs import bn_methods, seed_fashion_mnist
 
+# What this study's values of base.HELP's fields mean (printed by --help).
+HELP: dict[str, str] = {
+    "fix_round": "half of the rounds explore as FedAvg, as on digits",
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The BN-methods study on a 6,000-image Fashion-MNIST subset, 20 rounds."""
@@ -28,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = seed_fashion_mnist.get_config().data
     c.data.max_train = 6000
     c.rounds = 20
-    c.fix_round = 10  # half of the rounds explore as FedAvg, as on digits
+    c.fix_round = 10
     c.eval_every = 5
     c.eval_batch_size = 1000
     c.executor = "auto"

@@ -37,6 +37,15 @@ NUM_CLIENTS = 500
 EXPECTED_COHORT = 50
 
 
+# What this study's values of base.HELP's fields mean (printed by --help).
+HELP: dict[str, str] = {
+    "fix_round": "FixBN: half of the rounds explore as FedAvg, as in its paper",
+    "eval_clients": "intermediate evaluations on a sample; the last one on all",
+    "cohort_size": "with DP: the Poisson bucket, sized by sampling.poisson_bucket",
+    "dp.clip_norm": "the starting clip; adaptive clipping moves it",
+}
+
+
 def get_config(epsilon: str = "4") -> ml_collections.ConfigDict:
     """The DP study at target ``epsilon`` (``"none"``: without DP)."""
     c = base.get_config()
@@ -67,12 +76,12 @@ def get_config(epsilon: str = "4") -> ml_collections.ConfigDict:
     c.cohort_size = EXPECTED_COHORT
     if epsilon == "none":
         return c
-    c.cohort_size = 0  # the Poisson bucket, sized by sampling.poisson_bucket
+    c.cohort_size = 0
     c.dp.enabled = True
     c.dp.q = EXPECTED_COHORT / NUM_CLIENTS
     c.dp.target_epsilon = float(epsilon)
     c.dp.delta = 1.0 / NUM_CLIENTS
-    c.dp.clip_norm = 1.0  # the starting clip; adaptive clipping moves it
+    c.dp.clip_norm = 1.0
     c.dp.target_quantile = 0.5
     c.dp.clip_learning_rate = 0.2
     c.dp.accountant = "rdp"

@@ -24,6 +24,12 @@ import ml_collections
 
 from experiments.configs import base
 
+# What this study's values of base.HELP's fields mean (printed by --help).
+HELP: dict[str, str] = {
+    "head": "SeedCNN's classifier",
+    "head_steps": "of a typical digits client's 5 steps a round (1 to 8; 1: head only)",
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The personalization study on digits."""
@@ -41,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
         "ditto",
     )
     c.seeds = (0, 1, 2)
-    c.head = "Dense_1"  # SeedCNN's classifier
-    c.head_steps = 2  # of a typical digits client's 5 steps a round (1 to 8; 1: head only)
+    c.head = "Dense_1"
+    c.head_steps = 2
     c.ditto_lambda = 0.1
     return c

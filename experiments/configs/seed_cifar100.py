@@ -22,6 +22,11 @@ import ml_collections
 
 from experiments.configs import base
 
+# What this study's values of base.HELP's fields mean (printed by --help).
+HELP: dict[str, str] = {
+    "augment": "standard CIFAR training augmentation: pad-4 random crop + flip",
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The reported CIFAR-100 FedProx setting, with the bug and the fixes as variants."""
@@ -40,6 +45,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.name = "seed_cnn"
     c.model.widths = (64, 128, 256)
     c.model.hidden = 256
-    c.augment = "cifar"  # standard CIFAR training augmentation: pad-4 random crop + flip
+    c.augment = "cifar"
     c.eval_batch_size = 1000
     return c

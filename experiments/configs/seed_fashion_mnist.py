@@ -37,6 +37,13 @@ import ml_collections
 
 from experiments.configs import base
 
+# What this study's values of base.HELP's fields mean (printed by --help).
+HELP: dict[str, str] = {
+    "data.data_dir": "empty: /usr/share/datasets/fashion-mnist",
+    "data.max_train": "0: all 60,000",
+    "data.max_test": "all 10,000",
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The reported FedProx setting on Fashion-MNIST, with the bug and the fixes as variants."""
@@ -54,9 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_clients = 10
     c.data.alpha = 0.5
     c.data.min_size = 10
-    c.data.data_dir = ""  # empty: /usr/share/datasets/fashion-mnist
-    c.data.max_train = 12000  # 0: all 60,000
-    c.data.max_test = 0  # all 10,000
+    c.data.data_dir = ""
+    c.data.max_train = 12000
+    c.data.max_test = 0
     c.model.name = "seed_cnn"
     c.model.widths = (32, 64)
     c.model.hidden = 128
