@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 import fedjax_bn as fb
-from experiments import evaluation, history, privacy, registry, writers
+from experiments import attacks, evaluation, history, privacy, registry, writers
 from fedjax_bn import monitor
 from fedjax_bn.algorithms import model_parts
 from fedjax_bn.checkpoint import Checkpointer
@@ -56,6 +56,7 @@ class Run(NamedTuple):
     seed: int  # the experiment seed
     seeds: Seeds  # derived from it
     epsilons: Any = None  # DP runs: epsilon after each round (privacy.epsilons), else None
+    attack: attacks.Attack | None = None  # config.attack, with its attackers; None: no attack
 
 
 def cohort_sampler(config: Config, num_clients: int) -> Any:
@@ -103,6 +104,7 @@ def build_run(config: Config, data: FederatedData, alg_name: str, seed: int) -> 
         model = registry.build_model(config, data.num_classes, shape, seed=seeds.init)
         tx = registry.build_optimizer(config)
         alg = registry.build_algorithm(alg_name, model, tx, config)
+        alg, data, attack = attacks.prepare(config, alg, data, seed)
         round_fn = make_round_fn(config, alg, data.num_clients)
     except ConfigError:
         raise
@@ -110,7 +112,7 @@ def build_run(config: Config, data: FederatedData, alg_name: str, seed: int) -> 
         raise ConfigError(f"{alg_name}: {e}") from e
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
     epsilons = privacy.epsilons(config, config.rounds) if privacy.enabled(config) else None
-    return Run(alg, round_fn, measure, data, held, seed, seeds, epsilons)
+    return Run(alg, round_fn, measure, data, held, seed, seeds, epsilons, attack)
 
 
 def _mean_by(values: Any, weights: Any) -> float:
@@ -204,6 +206,8 @@ def round_row(
         "affine_div_layers": _floats(div["affine"]),
         "seconds": seconds,
     }
+    if run.attack is not None:
+        row.update(run.attack.record())
     for name, values in task_metrics(result.metrics).items():  # beyond accuracy
         row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
     return row

@@ -108,4 +108,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.dp.target_quantile = 0.0  # > 0: adaptive clipping toward this quantile of update norms
     c.dp.clip_learning_rate = 0.2  # adaptive clipping's geometric step
     c.dp.accountant = "rdp"  # rdp | pld (dp_accounting)
+
+    # Robust aggregators (fedjax_bn.robust) of the fedavg_<rule> algorithms (registry.py).
+    c.aggregator = ml_collections.ConfigDict()
+    c.aggregator.beta = 0.2  # trimmed_mean: share trimmed from each end, in [0, 0.5)
+    c.aggregator.f = 0  # krum, multi_krum: clients assumed Byzantine; 0: the attackers' count
+    c.aggregator.max_norm = 1.0  # norm_bound: each update's L2 norm is cut to this
+
+    # Byzantine clients (experiments/attacks.py), the same ones for every algorithm of a seed.
+    c.attack = ml_collections.ConfigDict()
+    c.attack.kind = "none"  # none | sign_flip | scale | gaussian | label_flip
+    c.attack.fraction = 0.2  # share of the training clients that attack, in [0, 1)
+    c.attack.scale = 10.0  # scale: update multiplier; gaussian: noise std (> 0)
     return c
