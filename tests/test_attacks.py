@@ -15,10 +15,11 @@ import pytest
 from conftest import IMAGE_SHAPE, NUM_CLASSES, CounterModel, make_clients, sgd
 
 import fedjax_bn as fb
-from experiments import attacks, run, runner
+from experiments import attacks, registry, run, runner
+from experiments.configs import robust
 from fedjax_bn.algorithms.base import client_variables
 from fedjax_bn.data import FederatedData
-from fedjax_bn.policy import bn_moment_paths, float_leaves, partition
+from fedjax_bn.policy import bn_moment_paths, float_leaves, partition, with_leaves
 from fedjax_bn.tree import flatten, repeat_clients
 
 MODEL = CounterModel()
@@ -189,3 +190,25 @@ def test_an_attacked_run_records_its_attack(tmp_path) -> None:
         assert r["attackers"] == np.flatnonzero(chosen).tolist()
     rows = [json.loads(line) for line in next((out / "history").glob("*.jsonl")).open()]
     assert rows[0]["attackers"] == np.flatnonzero(chosen).tolist()
+
+
+@pytest.mark.parametrize("data", ["digits", "fashion_mnist"])
+def test_the_robust_study_configs_are_valid(data: str) -> None:
+    config = runner.validate(robust.get_config(data))
+    assert "fedavg" in config.algorithms and "fedavg_median_bnavg" in config.algorithms
+
+
+def test_every_rule_comes_with_robust_and_averaged_bn_statistics() -> None:
+    """fedavg_<rule> folds BN statistics by the rule (one client's 1e6 statistics ignored);
+    fedavg_<rule>_bnavg averages them (moved far)."""
+    config = robust.get_config("digits")
+    config.aggregator.f = 1  # Krum on 5 clients
+    for rule in robust.RULES:
+        for name, moved in ((f"fedavg_{rule}", False), (f"fedavg_{rule}_bnavg", True)):
+            alg = registry.build_algorithm(name, MODEL, sgd(), config)
+            server, msgs = stacked_messages(alg)
+            huge = jax.tree.map(lambda s: s.at[0].set(1e6), float_leaves(msgs.pooled))
+            msgs = msgs._replace(pooled=with_leaves(msgs.pooled, huge))
+            pooled = float_leaves(alg.server_update(server, msgs, jnp.ones(C)).pooled)
+            biggest = max(float(np.max(np.abs(v))) for v in pooled.values())
+            assert (biggest > 1e4) == moved, (name, biggest)
