@@ -94,12 +94,12 @@ def table(data: str, cells: dict[str, dict[str, Any]]) -> str:
 def heatmap(path: Path, data: str, cells: dict[str, dict[str, Any]]) -> None:
     """Global accuracy, algorithm (rows) by attack kind (columns), numbers written in."""
     kinds = [k for k in KINDS if k in cells]
-    ran = {a for cell in cells.values() for a in cell}
-    algs = [a for a in robust.get_config(data).algorithms if a in ran]
+    ran, config = {a for cell in cells.values() for a in cell}, robust.get_config(data)
+    algs = [a for a in config.algorithms if a in ran]
     acc = np.array(
         [[cells[k].get(a, {}).get("global_acc") or np.nan for k in kinds] for a in algs], float
     )
-    fig, ax = plt.subplots(figsize=(1.3 * len(kinds) + 3, 0.42 * len(algs) + 1.5))
+    fig, ax = plt.subplots(figsize=(max(1.3 * len(kinds) + 3, 6.5), 0.42 * len(algs) + 1.5))
     im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for i, j in np.ndindex(acc.shape):
         text = "n/a" if np.isnan(acc[i, j]) else f"{acc[i, j]:.2f}"
@@ -107,7 +107,7 @@ def heatmap(path: Path, data: str, cells: dict[str, dict[str, Any]]) -> None:
     ax.set_xticks(range(len(kinds)), kinds)
     labels = [a.removeprefix("fedavg_").replace("_bnavg", " (BN avg)") for a in algs]
     ax.set_yticks(range(len(algs)), labels)
-    ax.set_title(f"{data}: final global accuracy under attack")
+    ax.set_title(f"{data}: final global accuracy, {config.attack.fraction:.0%} attackers")
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
