@@ -31,7 +31,7 @@ from experiments.configs import robust  # noqa: E402
 KINDS = ("none", "sign_flip", "scale", "gaussian", "label_flip")
 DATA = ("digits", "fashion_mnist")
 # The attack kinds each data set runs unless --kinds says otherwise (sized for a 2-core CPU).
-DEFAULT_KINDS = {"digits": KINDS, "fashion_mnist": ("none", "scale")}
+DEFAULT_KINDS = {"digits": KINDS, "fashion_mnist": ("none", "scale", "gaussian")}
 
 
 def cell_config(data: str, kind: str, out: Path, smoke: bool) -> Any:

@@ -10,7 +10,8 @@ digits, 0.2-0.6).
 
 ``robust.py`` (or ``robust.py:digits``) is the embedded digits; ``robust.py:fashion_mnist`` a
 fixed 2,000-image Fashion-MNIST subset (2,000 test images), 8 rounds, FedAvg against the median
-only (a Fashion-MNIST round costs ~10x a digits round on the CPU).
+only (a Fashion-MNIST round costs ~10x a digits round on the CPU); the study runs it under the
+attacks ``none``, ``scale`` and ``gaussian`` (``robust_study.DEFAULT_KINDS``).
 The whole study (every attack kind, both data sets, resumable) is
 ``python -m experiments.robust_study``; one cell of it::
 
