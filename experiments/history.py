@@ -15,6 +15,8 @@ Row = dict[str, Any]
 FINAL_METRICS = ("global_acc", "client_acc", "train_loss", "bn_div", "probe_div", "affine_div")
 # Columns every history row has; any other ``train_<name>``/``global_<name>`` is a task metric.
 BUILTIN_COLUMNS = frozenset({"train_loss", "train_acc", "global_loss", "global_acc"})
+# Attacked runs only (experiments/attacks.py): the attack's kind, share, scale and client ids.
+ATTACK_COLUMNS = ("attack", "attack_fraction", "attack_scale", "attackers")
 DP_METRICS = ("epsilon", "dp_clip")  # DP runs only: epsilon after the round, the clip it set
 WIRE_COLUMNS = ("uplink_bytes", "downlink_bytes")  # per round; a run's summary holds the sums
 
@@ -80,6 +82,7 @@ def run_summary(rows: Sequence[Row]) -> Row:
         bn_div_source=rows[-1].get("bn_div_source"),
     )
     out.update({k: sum(r[k] for r in rows) for k in WIRE_COLUMNS if k in rows[0]})
+    out.update({k: rows[0][k] for k in ATTACK_COLUMNS if k in rows[0]})
     return out
 
 

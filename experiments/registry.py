@@ -20,7 +20,7 @@ import ml_collections
 import optax
 
 import fedjax_bn as fb
-from experiments import compression, privacy
+from experiments import attacks, compression, privacy
 from fedjax_bn import data as fbd
 from fedjax_bn.data import augment
 from fedjax_bn.recalibrate import fedavg_batch_stats_only
@@ -150,6 +150,47 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
         _renormed(m, "none"), tx, name="fedavg_ws", **_common(c)
     ),
 }
+
+
+def _krum_f(config: Config) -> int:
+    """Krum's ``f``: ``config.aggregator.f``, or (0) the number of attackers ``attack.fraction``
+    gives, whatever ``attack.kind`` (so a clean baseline runs the same rule)."""
+    population = config.data.num_clients - config.held_out
+    return config.aggregator.f or attacks.num_attackers(config.attack.fraction, population)
+
+
+# Robust server rules (fedjax_bn.robust, docs/robust_and_compression.md), from config.aggregator.
+AGGREGATORS: dict[str, Callable[[Config], fb.aggregators.Aggregator]] = {
+    "median": lambda c: fb.aggregators.median(),
+    "trimmed_mean": lambda c: fb.aggregators.trimmed_mean(c.aggregator.beta),
+    "krum": lambda c: fb.aggregators.krum(_krum_f(c)),
+    "multi_krum": lambda c: fb.aggregators.multi_krum(_krum_f(c)),
+    "geomed": lambda c: fb.aggregators.geometric_median(),
+    "norm_bound": lambda c: fb.aggregators.norm_bound(c.aggregator.max_norm),
+}
+
+
+def _robust(rule: str, bn_stats: str) -> AlgorithmFactory:
+    """FedAvg whose server folds the parameters by ``rule`` and the BN statistics by
+    ``bn_stats`` (``robust``: the same rule; ``pooled``: averaged, FedAvg's way)."""
+    suffix = "" if bn_stats == "robust" else "_bnavg"
+
+    def build(m: nn.Module, tx: optax.GradientTransformation, c: Config) -> fb.Algorithm:
+        agg = AGGREGATORS[rule](c)
+        name = f"fedavg_{rule}{suffix}"
+        return fb.fedavg(m, tx, aggregator=agg, bn_stats=bn_stats, name=name, **_common(c))
+
+    return build
+
+
+# fedavg_<rule> (BN statistics by the rule too) and fedavg_<rule>_bnavg (statistics pooled).
+ALGORITHMS.update(
+    {
+        f"fedavg_{rule}{suffix}": _robust(rule, how)
+        for rule in AGGREGATORS
+        for suffix, how in (("", "robust"), ("_bnavg", "pooled"))
+    }
+)
 
 # Algorithms whose global model is evaluated after recalibrate_bn (config.recalibrate: all).
 RECALIBRATED: frozenset[str] = frozenset({"fedavg_recal", "fedavg_batch_stats_only"})

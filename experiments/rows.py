@@ -90,6 +90,8 @@ def round_row(
         "affine_div_layers": _floats(div["affine"]),
         "seconds": seconds,
     }
+    if run.attack is not None:
+        row.update(run.attack.record())
     for name, values in task_metrics(result.metrics).items():  # beyond accuracy
         row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
     for name in ("uplink_bytes", "downlink_bytes"):

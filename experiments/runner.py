@@ -19,7 +19,17 @@ from typing import Any, NamedTuple
 import ml_collections
 
 import fedjax_bn as fb
-from experiments import compression, parallel, plots, privacy, registry, report, sweep, train
+from experiments import (
+    attacks,
+    compression,
+    parallel,
+    plots,
+    privacy,
+    registry,
+    report,
+    sweep,
+    train,
+)
 from experiments.configs import base
 from experiments.train import Seeds, derive_seeds, train_run  # noqa: F401  (re-exported)
 from fedjax_bn.execution import EXECUTORS
@@ -105,6 +115,10 @@ BOUNDS: tuple[Bound, ...] = (
     Bound("dp.q", float, 0, high=1),
     Bound("dp.target_quantile", float, 0, high=1, high_strict=True),
     Bound("dp.clip_learning_rate", float, 0, strict=True),
+    Bound("aggregator.beta", float, 0, high=0.5, high_strict=True),
+    Bound("aggregator.f", int, 0, note=" (0: the number of attackers)"),
+    Bound("aggregator.max_norm", float, 0, strict=True),
+    Bound("attack.fraction", float, 0, high=1, high_strict=True),
 )
 
 
@@ -217,6 +231,7 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"config.sampler={config.sampler!r} needs config.cohort_size >= 1.")
     try:
         privacy.check(config)
+        attacks.check(config)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     for point in sweep.points(config):  # every point's values in their fields' bounds

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 import fedjax_bn as fb
-from experiments import evaluation, history, privacy, registry, rows, writers
+from experiments import attacks, evaluation, history, privacy, registry, rows, writers
 from fedjax_bn import monitor
 from fedjax_bn.algorithms import model_parts
 from fedjax_bn.checkpoint import Checkpointer
@@ -57,6 +57,7 @@ class Run(NamedTuple):
     seeds: Seeds  # derived from it
     epsilons: Any = None  # DP runs: epsilon after each round (privacy.epsilons), else None
     hyper: Any = None  # a sweep point's values for the initial state (experiments/sweep.py)
+    attack: attacks.Attack | None = None  # config.attack, with its attackers; None: no attack
 
 
 def cohort_sampler(config: Config, num_clients: int) -> Any:
@@ -104,6 +105,7 @@ def build_run(config: Config, data: FederatedData, alg_name: str, seed: int) -> 
         model = registry.build_model(config, data.num_classes, shape, seed=seeds.init)
         tx = registry.build_optimizer(config)
         alg = registry.build_algorithm(alg_name, model, tx, config)
+        alg, data, attack = attacks.prepare(config, alg, data, seed)
         round_fn = fb.make_round(alg, round_options(config, data.num_clients))
     except ConfigError:
         raise
@@ -111,7 +113,7 @@ def build_run(config: Config, data: FederatedData, alg_name: str, seed: int) -> 
         raise ConfigError(f"{alg_name}: {e}") from e
     measure = jax.jit(functools.partial(monitor.round_divergences, alg))
     epsilons = privacy.epsilons(config, config.rounds) if privacy.enabled(config) else None
-    return Run(alg, round_fn, measure, data, held, seed, seeds, epsilons)
+    return Run(alg, round_fn, measure, data, held, seed, seeds, epsilons, attack=attack)
 
 
 def checkpoint_dir(out: Path, setting: str, alg_name: str, seed: int) -> Path:

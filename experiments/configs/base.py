@@ -107,6 +107,14 @@ HELP: dict[str, str] = {
     "every algorithm: q<bits> | top<k> | stc<k>, optionally ef_-prefixed; '': none; an "
     "algorithm named like fedavg+q4 gets its own spec instead",
     "compress.seed": "stochastic quantization's keys: fold_in(PRNGKey(seed), client)",
+    "aggregator.beta": "trimmed_mean (fedavg_trimmed_mean): share trimmed from each end, "
+    "in [0, 0.5)",
+    "aggregator.f": "krum, multi_krum: clients assumed Byzantine; 0: the attackers' count",
+    "aggregator.max_norm": "norm_bound: each update's L2 norm is cut to this",
+    "attack.kind": "Byzantine clients (experiments/attacks.py), the same ones for every "
+    "algorithm of a seed: none | sign_flip | scale | gaussian | label_flip",
+    "attack.fraction": "share of the training clients that attack, in [0, 1)",
+    "attack.scale": "scale: update multiplier; gaussian: noise std (> 0)",
 }
 
 
@@ -210,4 +218,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.compress = ml_collections.ConfigDict()
     c.compress.spec = ""
     c.compress.seed = 0
+
+    # Robust aggregators of the fedavg_<rule> algorithms (registry.py).
+    c.aggregator = ml_collections.ConfigDict()
+    c.aggregator.beta = 0.2
+    c.aggregator.f = 0
+    c.aggregator.max_norm = 1.0
+
+    # Byzantine clients (experiments/attacks.py), the same ones for every algorithm of a seed.
+    c.attack = ml_collections.ConfigDict()
+    c.attack.kind = "none"
+    c.attack.fraction = 0.2
+    c.attack.scale = 10.0
     return c
