@@ -1,28 +1,5 @@
 """``fedjax_bn.compression``: the compressors of :mod:`fedjax_bn.compress` under the name the
 issue's examples use (``fb.compression.quantize(bits=4)``)."""
 
-from fedjax_bn.compress import (
-    Compressor,
-    WireBytes,
-    client_bytes,
-    error_feedback,
-    message_bytes,
-    quantize,
-    raw_bytes,
-    round_bytes,
-    stc,
-    top_k,
-)
-
-__all__ = [
-    "Compressor",
-    "WireBytes",
-    "client_bytes",
-    "error_feedback",
-    "message_bytes",
-    "quantize",
-    "raw_bytes",
-    "round_bytes",
-    "stc",
-    "top_k",
-]
+from fedjax_bn.compress import *  # noqa: F403
+from fedjax_bn.compress import __all__  # noqa: F401  (the same public names)
