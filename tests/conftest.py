@@ -6,6 +6,7 @@ Profiles: ``ci`` (deterministic, few examples; the default and whenever ``CI`` i
 
 from __future__ import annotations
 
+import gc
 import os
 
 # Tests compile many tiny programs and run each briefly: XLA:CPU's backend optimizations cost
@@ -163,3 +164,14 @@ def assert_trees_equal(a: Any, b: Any) -> None:
 def sample_x() -> jax.Array:
     """One example image batch for ``init``."""
     return jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs() -> Any:
+    """After each test module, drop jax's caches of traced and compiled programs: every XLA:CPU
+    executable holds memory mappings of its own, and one process compiling the whole suite's
+    thousands of programs approaches the kernel's per-process map limit (``vm.max_map_count``),
+    where XLA's compiler crashed (a segfault, once an abort, late in the suite)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
