@@ -94,8 +94,11 @@ def round_row(
         row.update(run.attack.record())
     for name, values in task_metrics(result.metrics).items():  # beyond accuracy
         row.update({f"train_{name}": _mean_by(values, weights), f"global_{name}": None})
-    for name in ("uplink_bytes", "downlink_bytes"):
-        row[name] = int(np.sum(np.asarray(getattr(result, name)), dtype=np.int64))
+    for name, per_slot in (
+        ("uplink_bytes", result.uplink_bytes),
+        ("downlink_bytes", result.downlink_bytes),
+    ):
+        row[name] = int(np.sum(np.asarray(per_slot), dtype=np.int64))
     return row
 
 
