@@ -2,6 +2,11 @@
 
     python -m benchmarks.startup                       # JAX only
     python -m benchmarks.startup --torch-python /tmp/torchvenv/bin/python  # and torch's loop
+    python -m benchmarks.startup --peers --torch-python /tmp/torchvenv/bin/python
+
+``--peers``: the peers' workload instead (SeedCNN 32/64 without pooling, both sides starting
+from torch's initial weights, the JAX side through ``fedjax_bn.interop.from_torch``, timed as
+``from_torch_s``).
 
 The workload (issue 10's): the embedded digits, 10 clients Dirichlet 0.5, SeedCNN 32/64 + FC
 128, Adam 5e-4 + coupled weight decay 1e-4, batch 32, one local epoch, FedAvg, 30 rounds, then
@@ -115,8 +120,10 @@ class CompileLog:
         }
 
 
-def run_child(workload: str, rounds: int) -> dict[str, Any]:
-    """The JAX side of one process: the workload, then the yardstick (not in ``end``)."""
+def run_child(workload: str, rounds: int, init: str = "") -> dict[str, Any]:
+    """The JAX side of one process: the workload, then the yardstick (not in ``end``).
+    ``init``: torch's initial state dict (``.npz``) to start from, through ``from_torch``, with
+    the peers' model (no pooling)."""
     import jax
     import numpy as np
     import optax
@@ -134,10 +141,18 @@ def run_child(workload: str, rounds: int) -> dict[str, Any]:
     ys = [data[f"y{c}"] for c in range(num)]
     train = stack_clients(xs, ys)
     t_data = time.time()
-    model = fb.SeedCNN(num_classes=int(data["num_classes"]), widths=(32, 64), hidden=128)
+    model = fb.SeedCNN(
+        num_classes=int(data["num_classes"]), widths=(32, 64), hidden=128, pool=not init
+    )
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.adam(5e-4))
     alg = fb.fedavg(model, tx)
-    state = alg.init(jax.random.key(0), train.x[0, :1], num)
+    start = jax.random.key(0)
+    if init:
+        from fedjax_bn.interop import from_torch
+
+        start = from_torch(model, dict(np.load(init)), sample_x=train.x[0, :1])
+    t_init = time.time()
+    state = alg.init(start, train.x[0, :1], num)
     round_fn = fb.make_round(alg, executor="auto", batch_size=32)
     key = jax.random.key(1)
     round_s = []
@@ -154,16 +169,17 @@ def run_child(workload: str, rounds: int) -> dict[str, Any]:
     end = time.time()
     compiles = log.summary()
 
-    from benchmarks.bench import model_and_tx, timed, yardstick
+    from benchmarks.bench import timed, yardstick
 
     steps = sum(real_steps(len(y), 32, 1) for y in ys)
-    run = yardstick(*model_and_tx(), train, 32)
+    run = yardstick(model, tx, train, 32)
     run(3)
     step_s = min(timed(lambda: run(steps)) for _ in range(5)) / steps
     return {
         "start": START,
         "import_s": t_import - START,
         "data_s": t_data - t_import,
+        "from_torch_s": t_init - t_data if init else None,
         "to_first_round_s": t_first - START,
         "first_round_s": round_s[0],
         "later_round_s": statistics.median(round_s[1:]) if rounds > 1 else None,
@@ -231,6 +247,18 @@ def spawn(args: list[str], env: dict[str, str] | None = None) -> tuple[float, fl
     return start, wall, json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def write_init(torch_python: str, workload: Path, out: str) -> None:
+    """The peers' initial weights: torch's own init when a torch python is given, else a
+    torch-layout state dict of random arrays (``benchmarks/from_torch_cost.py``'s)."""
+    if torch_python:
+        spawn([torch_python, str(TORCH_SCRIPT), "init", "--data", str(workload), "--no-pool",
+               "--out", out])  # fmt: skip
+    else:
+        from benchmarks.from_torch_cost import write_state_dict
+
+        write_state_dict(Path(out))
+
+
 def import_profile() -> dict[str, Any]:
     """``python -X importtime -c "import fedjax_bn"``: the total and the slowest top-level
     packages (cumulative microseconds -> seconds)."""
@@ -250,22 +278,26 @@ def import_profile() -> dict[str, Any]:
     return {"total_s": sum(top.values()), "slowest": slow}
 
 
-def jax_process(workload: Path, rounds: int, cache: Path, flags: str) -> dict[str, Any]:
+def jax_process(
+    workload: Path, rounds: int, cache: Path, flags: str, init: str = ""
+) -> dict[str, Any]:
     """One fresh JAX process on the workload, with compilation cache ``cache``."""
     env = os.environ | {"FEDJAX_BN_COMPILATION_CACHE": str(cache)}
     if flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     args = [sys.executable, "-m", "benchmarks.startup", "--child", str(workload)]
-    start, _, res = spawn(args + ["--rounds", str(rounds)], env)
+    args += ["--rounds", str(rounds)] + (["--init", init] if init else [])
+    start, _, res = spawn(args, env)
     res["whole_s"] = res["end"] - start
     res["ratio"] = res["whole_s"] / (rounds * res["steps_per_round"] * res["step_s"])
     return res
 
 
-def torch_process(python: str, workload: Path, rounds: int) -> dict[str, Any]:
+def torch_process(python: str, workload: Path, rounds: int, init: str = "") -> dict[str, Any]:
     """One fresh torch process on the workload; whole = its wall time."""
+    peers = ["--no-pool", "--init", init] if init else []
     _, wall, res = spawn([python, str(TORCH_SCRIPT), "workload", "--data", str(workload),
-                          "--rounds", str(rounds)])  # fmt: skip
+                          "--rounds", str(rounds), *peers])  # fmt: skip
     rounds_s = res.pop("round_s")
     return res | {
         "whole_s": wall,
@@ -289,6 +321,7 @@ def markdown(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> st
 PROCESS_COLUMNS = [
     ("run", "run", ""),
     ("import s", "import_s", ".2f"),
+    ("from_torch s", "from_torch_s", ".2f"),
     ("programs", "programs", "d"),
     ("compiled", "compiled", "d"),
     ("compile s", "compile_s", ".2f"),
@@ -312,6 +345,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--torch-python", default="", help="a python with torch: adds torch's runs")
     p.add_argument("--steps", action="store_true", help="also time the plain step per image size")
     p.add_argument("--out", default="", help="write all results as JSON here")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="the peers' workload: SeedCNN without pooling, both sides from torch's initial\n"
+        "weights (the JAX side through fedjax_bn.interop.from_torch)",
+    )
+    p.add_argument("--init", default="", help=argparse.SUPPRESS)
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     p.add_argument("--step-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -349,27 +389,31 @@ def main(argv: list[str] | None = None) -> None:
     """Parent: cold/warm JAX processes (and torch's), tables, JSON."""
     a = parse_args(argv)
     if a.child:
-        print(json.dumps(run_child(a.child, a.rounds)))
+        print(json.dumps(run_child(a.child, a.rounds, a.init)))
         return
     if a.step_child:
         print(json.dumps(step_child(32, 5, 20)))
         return
-    results: dict[str, Any] = {"rounds": a.rounds, "flags": a.flags, "imports": import_profile()}
+    results: dict[str, Any] = {"rounds": a.rounds, "flags": a.flags, "peers": a.peers}
+    results["imports"] = import_profile()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workload = Path(tmp) / "workload.npz"
         write_workload(workload)
+        init = str(Path(tmp) / "init.npz") if a.peers else ""
+        if init:
+            write_init(a.torch_python, workload, init)
         for i in range(a.repeats):
             cache = Path(tmp) / f"cache{i}"
             for run in ("cold", "warm"):
-                r = jax_process(workload, a.rounds, cache, a.flags)
+                r = jax_process(workload, a.rounds, cache, a.flags, init)
                 r["run"] = f"jax {run}"
                 r["yardstick_round_s"] = r["steps_per_round"] * r["step_s"]
                 r["trace_lower_s"] = r["trace_s"] + r["lower_s"]
                 rows.append(r)
                 print(f"{r['run']}: whole {r['whole_s']:.2f} s, ratio {r['ratio']:.2f}", flush=True)
             if a.torch_python:
-                t = torch_process(a.torch_python, workload, a.rounds) | {"run": "torch"}
+                t = torch_process(a.torch_python, workload, a.rounds, init) | {"run": "torch"}
                 rows.append(t)
                 print(f"torch: whole {t['whole_s']:.2f} s", flush=True)
     results["processes"] = rows

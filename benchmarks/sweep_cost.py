@@ -3,19 +3,24 @@ the same runs as one runner process each (what a grid cost before hyperparameter
 
     python -m benchmarks.sweep_cost                                  # 3x3, 30 rounds
     python -m benchmarks.sweep_cost --lrs 1e-4,1e-3 --mus 1e-3 --rounds 5   # a smaller grid
+    python -m benchmarks.sweep_cost --parallel-runs 9 --out sweep.json  # + the grid batched
 
 The workload: the runner's default study shrunk to the peers' (digits label skew, 10 clients,
 SeedCNN 32/64 + FC 128, Adam + coupled L2 1e-4, batch 32, one seed) under FedProx, so both
 ``optim.lr`` and ``mu`` are swept. Both sides run ``python -m experiments.run`` cold (no
 persistent compilation cache), evaluate every ``--eval-every`` rounds and write the same
 histories, summary and plots; the figure is the wall of each side from ``Popen`` to exit and
-their ratio, measured in one invocation. A benchmark, not a test: run it on a quiet machine.
+their ratio, measured in one invocation. ``--parallel-runs S`` adds a third side: the sweep with
+``--config.parallel_runs=S`` (S points trained as one batched federation, ``fb.vmap_runs``).
+``--out`` writes every process's seconds as JSON. A benchmark, not a test: run it on a quiet
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import subprocess
 import sys
 import tempfile
@@ -41,11 +46,13 @@ def runner_argv(out: Path, rounds: int, eval_every: int, *extra: str) -> list[st
     ]
 
 
-def timed(argv: list[str]) -> float:
-    """Seconds from ``Popen`` to exit (output discarded; a failure raises)."""
+def timed(name: str, argv: list[str]) -> float:
+    """Seconds from ``Popen`` to exit (output discarded; a failure raises), printed."""
     start = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    print(f"{name}: {seconds:.1f} s", flush=True)
+    return seconds
 
 
 def main() -> None:
@@ -54,27 +61,37 @@ def main() -> None:
     parser.add_argument("--mus", default="1e-3,1e-2,1e-1")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--parallel-runs", type=int, default=0, help="S > 1: also batched")
+    parser.add_argument("--out", default="", help="write the seconds here as JSON")
     args = parser.parse_args()
     lrs, mus = args.lrs.split(","), args.mus.split(",")
+    grid = [f"--config.sweep.optim.lr={args.lrs}", f"--config.sweep.mu={args.mus}"]
     with tempfile.TemporaryDirectory() as tmp:
         sweep_s = timed(
-            runner_argv(
-                Path(tmp) / "sweep",
-                args.rounds,
-                args.eval_every,
-                f"--config.sweep.optim.lr={args.lrs}",
-                f"--config.sweep.mu={args.mus}",
-            )
+            "sweep", runner_argv(Path(tmp) / "sweep", args.rounds, args.eval_every, *grid)
         )
+        batched_s = None
+        if args.parallel_runs > 1:
+            batched_s = timed(
+                f"sweep, parallel_runs={args.parallel_runs}",
+                runner_argv(
+                    Path(tmp) / "batched",
+                    args.rounds,
+                    args.eval_every,
+                    *grid,
+                    f"--config.parallel_runs={args.parallel_runs}",
+                ),
+            )
         separate = [
             timed(
+                f"lr={lr} mu={mu} alone",
                 runner_argv(
                     Path(tmp) / f"lr{lr}_mu{mu}",
                     args.rounds,
                     args.eval_every,
                     f"--config.optim.lr={lr}",
                     f"--config.mu={mu}",
-                )
+                ),
             )
             for lr, mu in itertools.product(lrs, mus)
         ]
@@ -84,6 +101,12 @@ def main() -> None:
     each = f"each {min(separate):.1f}-{max(separate):.1f} s"
     print(f"{n} processes, one run each:     {sum(separate):.1f} s ({each})")
     print(f"ratio (separate / sweep): {sum(separate) / sweep_s:.2f}x")
+    if batched_s is not None:
+        print(f"one process, sweep + parallel_runs={args.parallel_runs}: {batched_s:.1f} s")
+        print(f"ratio (separate / batched sweep): {sum(separate) / batched_s:.2f}x")
+    if args.out:
+        result = vars(args) | {"sweep_s": sweep_s, "batched_s": batched_s, "separate_s": separate}
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

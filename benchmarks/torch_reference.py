@@ -13,7 +13,9 @@ weight decay) of the given models (``startup.py`` passes its ``STEP_CASES``, tim
 ``workload`` is a whole federated run as a torch user writes it: FedAvg over the clients of
 ``W.npz`` (written by ``startup.py``: the very clients and test set the JAX run uses), one
 local epoch of batches of 32 per client per round, BN buffers averaged, then the test accuracy.
-It prints one JSON line; ``startup.py`` measures the process's wall time from outside.
+``init`` writes the workload's initial state dict as ``.npz`` (``--no-pool``: the peers'
+model), which ``workload --init`` and the JAX side (``fedjax_bn.interop.from_torch``) start
+from. It prints one JSON line; ``startup.py`` measures the process's wall time from outside.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import torch
 from torch import nn
 
 
-def seed_cnn(in_shape: tuple[int, int, int], widths, hidden: int, classes: int) -> nn.Module:
-    """SeedCNN in torch: conv3x3 + BN + ReLU + 2x2 max-pool blocks (ceil mode = flax's SAME
-    pooling), then FC ``hidden`` + ReLU and the classifier."""
+def seed_cnn(
+    in_shape: tuple[int, int, int], widths, hidden: int, classes: int, pool: bool = True
+) -> nn.Module:
+    """SeedCNN in torch: conv3x3 + BN + ReLU (+ 2x2 max-pool, ceil mode = flax's SAME pooling)
+    blocks, then FC ``hidden`` + ReLU and the classifier."""
     h, w, c = in_shape
     layers: list[nn.Module] = []
     for width in widths:
@@ -38,9 +42,11 @@ def seed_cnn(in_shape: tuple[int, int, int], widths, hidden: int, classes: int) 
             nn.Conv2d(c, width, 3, padding=1),
             nn.BatchNorm2d(width, momentum=0.1),  # = flax momentum 0.9
             nn.ReLU(),
-            nn.MaxPool2d(2, ceil_mode=True),
         ]
-        c, h, w = width, -(-h // 2), -(-w // 2)
+        c = width
+        if pool:
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            h, w = -(-h // 2), -(-w // 2)
     layers += [nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, classes)]
     return nn.Sequential(*layers)
 
@@ -87,19 +93,30 @@ def time_steps(cases: list, repeats: int, steps: int, batch: int) -> list[dict]:
     return rows
 
 
-def fedavg_workload(path: str, rounds: int, batch: int, seed: int) -> dict:
+def initial_model(path: str, seed: int, pool: bool) -> nn.Module:
+    """The global model of ``fedavg_workload`` before its first round (torch's own init)."""
+    data = np.load(path)
+    torch.manual_seed(seed)
+    shape = tuple(int(s) for s in data["x0"].shape[1:])
+    return seed_cnn(shape, (32, 64), 128, int(data["num_classes"]), pool)
+
+
+def fedavg_workload(
+    path: str, rounds: int, batch: int, seed: int, pool: bool = True, init: str = ""
+) -> dict:
     """FedAvg over the clients in ``path``; every float parameter and BN buffer averaged by
-    client size (``num_batches_tracked`` kept from the first client, as its dtype is int)."""
+    client size (``num_batches_tracked`` kept from the first client, as its dtype is int).
+    ``init``: an ``.npz`` state dict to start from (``init`` mode wrote it)."""
     data = np.load(path)
     num = int(data["num_clients"])
     xs = [images(data[f"x{c}"]) for c in range(num)]
     ys = [torch.from_numpy(data[f"y{c}"]).long() for c in range(num)]
     sizes = np.array([len(y) for y in ys], dtype=np.float64)
     weights = sizes / sizes.sum()
-    torch.manual_seed(seed)
+    glob = initial_model(path, seed, pool)
+    if init:
+        glob.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(init).items()})
     gen = torch.Generator().manual_seed(seed)
-    shape = tuple(int(s) for s in data["x0"].shape[1:])
-    glob = seed_cnn(shape, (32, 64), 128, int(data["num_classes"]))
     round_s = []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -129,7 +146,7 @@ def fedavg_workload(path: str, rounds: int, batch: int, seed: int) -> dict:
 def main() -> None:
     """Parse the mode and print one JSON line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=("steps", "workload"))
+    p.add_argument("mode", choices=("steps", "workload", "init"))
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2 cores)")
     p.add_argument("--data", help="workload: the .npz startup.py wrote")
     p.add_argument("--rounds", type=int, default=30)
@@ -138,15 +155,24 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="steps: steps per burst")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases", default="[]", help="steps: JSON list of startup.py's STEP_CASES")
+    p.add_argument("--no-pool", action="store_true", help="SeedCNN without max pooling")
+    p.add_argument("--init", default="", help="workload: start from this .npz state dict")
+    p.add_argument("--out", default="", help="init: write the initial state dict here (.npz)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.mode == "steps":
         out = {"torch": torch.__version__, "threads": a.threads}
         out["steps"] = time_steps(json.loads(a.cases), a.repeats, a.steps, a.batch)
+    elif not a.data:
+        p.error(f"{a.mode} needs --data (the .npz written by benchmarks/startup.py)")
+    elif a.mode == "init":
+        if not a.out:
+            p.error("init needs --out (where to write the state dict)")
+        sd = initial_model(a.data, a.seed, not a.no_pool).state_dict()
+        np.savez(a.out, **{k: v.numpy() for k, v in sd.items()})
+        out = {"wrote": a.out, "tensors": len(sd)}
     else:
-        if not a.data:
-            p.error("workload needs --data (the .npz written by benchmarks/startup.py)")
-        out = fedavg_workload(a.data, a.rounds, a.batch, a.seed)
+        out = fedavg_workload(a.data, a.rounds, a.batch, a.seed, not a.no_pool, a.init)
     print(json.dumps(out))
 
 

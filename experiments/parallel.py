@@ -1,9 +1,11 @@
-"""``--config.parallel_runs=S``: the seeds of one (setting, algorithm) trained as one batched
-federation (``fedjax_bn.vmap_runs``), S at a time, each run's rows written as if it ran alone.
+"""``--config.parallel_runs=S``: the seeds and sweep points of one (setting, algorithm) trained
+as one batched federation (``fedjax_bn.vmap_runs``), S at a time, each run's rows written as if
+it ran alone. A sweep point's values are leaves of its state (``experiments/sweep.py``), so the
+points of a grid batch like seeds do: one program for every point.
 
-Only seeds whose partitions have the same shapes are batched together (a label-skew
-partition's padded client size ``N_max`` usually differs between seeds: such seeds are
-grouped by shape, with a note, and a seed that matches none trains alone). Every run keeps its
+Only runs whose partitions have the same shapes are batched together (a label-skew
+partition's padded client size ``N_max`` usually differs between seeds: such runs are
+grouped by shape, with a note, and a run that matches none trains alone). Every run keeps its
 own state, key, history, checkpoints and TensorBoard events (``train.Live``); only the rounds
 are batched. A round's ``seconds`` is the batched round's wall time divided by the runs in it
 (their share of it).
@@ -23,7 +25,7 @@ import ml_collections
 import numpy as np
 
 import fedjax_bn as fb
-from experiments import registry, train
+from experiments import registry, sweep, train
 from experiments.history import Row
 from fedjax_bn.execution.lockstep import AUTO_CHUNK_SIZE
 
@@ -57,40 +59,40 @@ def data_shape(run: train.Run) -> tuple:
 
 
 def batches(keys: Sequence[Any], runs: dict[Any, train.Run], size: int) -> list[list[Any]]:
-    """``keys`` (``(setting, seed, algorithm)``, one setting and algorithm) in batches of at
+    """``keys`` (``(label, seed, algorithm)``, one setting and algorithm) in batches of at
     most ``size`` runs whose data shapes match, in order; a run matching no other runs alone."""
     by_shape: dict[tuple, list[Any]] = {}
     for key in keys:
         by_shape.setdefault(data_shape(runs[key]), []).append(key)
     if len(by_shape) > 1:
-        seeds = [[key[1] for key in group] for group in by_shape.values()]
+        groups = [[f"{key[0]} seed {key[1]}" for key in group] for group in by_shape.values()]
         print(
-            f"note: seeds {seeds} of {keys[0][0]} {keys[0][2]}: partitions of different shapes, "
-            "batched only within each group (batched runs need data of the same shapes)."
+            f"note: {keys[0][2]} runs {groups}: partitions of different shapes, batched only "
+            "within each group (batched runs need data of the same shapes)."
         )
     out = [group[i : i + size] for group in by_shape.values() for i in range(0, len(group), size)]
     return sorted(out, key=lambda batch: list(keys).index(batch[0]))
 
 
 def train_batched(
-    config: Config,
-    runs: Sequence[train.Run],
-    setting: str,
-    alg_name: str,
-    out: Path,
-    *,
-    resume: bool,
+    config: Config, runs: Sequence[train.Run], keys: Sequence[Any], out: Path, *, resume: bool
 ) -> list[list[Row]]:
-    """Train ``runs`` (seeds of one setting and algorithm, data of one shape) batched; returns
+    """Train ``runs`` (seeds or points of one setting and algorithm, data of one shape) batched;
+    returns
     each run's rows. Runs resumed at different rounds are trained one after another instead."""
-    lives = [train.open_run(config, run, setting, alg_name, out, resume=resume) for run in runs]
+    lives = [
+        train.open_run(config, run, label, alg, out, resume=resume)
+        for run, (label, _, alg) in zip(runs, keys, strict=True)
+    ]
     if len({live.done for live in lives}) > 1:
         for live in lives:
             live.ckpt.close()
-        print(f"note: {setting} {alg_name}: runs resumed at different rounds train one by one.")
+        print(
+            f"note: {keys[0][0]} {keys[0][2]}: runs resumed at different rounds train one by one."
+        )
         return [
-            train.train_run(config, run, setting, alg_name, run.seed, out, resume=resume)
-            for run in runs
+            train.train_run(config, run, label, alg, seed, out, resume=resume)
+            for run, (label, seed, alg) in zip(runs, keys, strict=True)
         ]
     try:
         if lives[0].done < config.rounds:
@@ -135,15 +137,15 @@ def batched_rounds(config: Config, lives: list[train.Live]) -> None:
 
 
 def training_order(config: Config, runs: dict[tuple[str, int, str], Any]) -> list[list[Any]]:
-    """The runs' keys ``(setting, seed, algorithm)`` in training batches: one run each, or
-    with ``config.parallel_runs > 1`` the seeds of each (setting, algorithm) batched;
-    batches in the order of their first run."""
+    """The runs' keys ``(label, seed, algorithm)`` in training batches: one run each, or
+    with ``config.parallel_runs > 1`` the seeds and sweep points of each (setting, algorithm)
+    batched; batches in the order of their first run."""
     keys = list(runs)
     if config.parallel_runs == 1:
         return [[key] for key in keys]
     groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for key in keys:
-        groups[(key[0], key[2])].append(key)
+        groups[(sweep.setting_of(key[0]), key[2])].append(key)
     out = [b for g in groups.values() for b in batches(g, runs, config.parallel_runs)]
     return sorted(out, key=lambda b: keys.index(b[0]))
 
@@ -152,7 +154,7 @@ def train_batch(
     config: Config, runs: dict[Any, train.Run], batch: list[Any], out: Path, resume: bool
 ) -> list[list[Row]]:
     """Each run's rows: one run trained alone (``train_run``), several batched."""
-    (setting, seed, alg_name), built = batch[0], [runs[key] for key in batch]
+    (label, seed, alg_name), built = batch[0], [runs[key] for key in batch]
     if len(batch) == 1:
-        return [train.train_run(config, built[0], setting, alg_name, seed, out, resume=resume)]
-    return train_batched(config, built, setting, alg_name, out, resume=resume)
+        return [train.train_run(config, built[0], label, alg_name, seed, out, resume=resume)]
+    return train_batched(config, built, batch, out, resume=resume)

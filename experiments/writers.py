@@ -8,6 +8,7 @@ history writer alone is the record (it is flushed every round), the others are v
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,16 +76,22 @@ class ProgressWriter:
 
 def scalars(row: Row) -> dict[str, float]:
     """A row's plottable scalars: numbers (not flags or coordinates), per-layer dicts flattened
-    to ``name/layer``, missing (None) values left out."""
+    to ``name/layer``; missing (None) and non-finite values left out, as the history writes them
+    (``history.clean``: null)."""
     out: dict[str, float] = {}
     for key, value in row.items():
         if key in NOT_SCALARS or isinstance(value, bool | str) or value is None:
             continue
         if isinstance(value, dict):
-            out.update({f"{key}/{k}": float(v) for k, v in value.items() if v is not None})
-        elif isinstance(value, int | float):
+            out.update({f"{key}/{k}": float(v) for k, v in value.items() if finite(v)})
+        elif isinstance(value, int | float) and finite(value):
             out[key] = float(value)
     return out
+
+
+def finite(value: Any) -> bool:
+    """A number that is neither None, NaN nor infinite."""
+    return value is not None and math.isfinite(float(value))
 
 
 class TensorBoardWriter:

@@ -113,3 +113,49 @@ def test_only_runs_with_data_of_one_shape_are_batched(capsys) -> None:
     assert parallel.batches(keys, runs, 2) == [[keys[0], keys[1]], [keys[2]], [keys[3], keys[4]]]
     assert "partitions of different shapes" in capsys.readouterr().out
     assert parallel.batches(keys[:2], runs, 1) == [[keys[0]], [keys[1]]]
+
+
+def test_sweep_points_batch_with_each_other(tmp_path: Path, monkeypatch) -> None:
+    batched_keys = []
+    real = parallel.train_batched
+
+    def spy(config, runs, keys, out, *, resume):
+        batched_keys.append(list(keys))
+        return real(config, runs, keys, out, resume=resume)
+
+    monkeypatch.setattr(parallel, "train_batched", spy)
+    outs = {s: tmp_path / f"p{s}" for s in (1, 2)}
+    for s, out in outs.items():
+        argv = tiny_argv(
+            out,
+            "--config.sweep.optim.lr=1e-3,3e-3",
+            f"--config.parallel_runs={s}",
+            "--config.executor=vmap",
+            "--config.progress=False",
+            algorithms="fedavg",
+        )
+        assert run.main(argv) == 0
+    labels = [f"digits_feature_shift@optim.lr={lr}" for lr in ("0.001", "0.003")]
+    assert batched_keys == [[(label, 0, "fedavg") for label in labels]]  # one batch, both points
+    for label in labels:
+        want, got = (
+            report.read_history(report.history_path(out, label, "fedavg", 0))
+            for out in outs.values()
+        )
+        assert [r["round"] for r in got] == [1, 2]
+        for g, w in zip(got, want, strict=True):
+            assert_rows_close(g, w)
+    lr_rows = [
+        report.read_history(report.history_path(outs[2], label, "fedavg", 0))[-1]
+        for label in labels
+    ]
+    assert lr_rows[0]["train_loss"] != lr_rows[1]["train_loss"]  # each point kept its own lr
+
+
+def test_training_order_batches_the_points_of_a_setting() -> None:
+    data = SimpleNamespace(train=make_clients(0, (3, 4), n_max=4))
+    keys = [("s@lr=1", 0, "a"), ("s@lr=2", 0, "a"), ("s@lr=1", 1, "a"), ("t@lr=1", 0, "a")]
+    keys.append(("s@lr=1", 0, "b"))
+    runs = {key: SimpleNamespace(data=data) for key in keys}
+    config = SimpleNamespace(parallel_runs=3)
+    assert parallel.training_order(config, runs) == [keys[:3], [keys[3]], [keys[4]]]

@@ -24,7 +24,7 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_scalars_flatten_per_layer_dicts_and_skip_flags_and_coordinates() -> None:
+def test_scalars_flatten_per_layer_dicts_and_skip_flags_coordinates_and_non_finite() -> None:
     row = {
         "setting": "s",
         "round": 3,
@@ -33,7 +33,9 @@ def test_scalars_flatten_per_layer_dicts_and_skip_flags_and_coordinates() -> Non
         "train_loss": 0.25,
         "global_acc": None,
         "quarantined": [],
-        "bn_div_layers": {"bn0": 1.0, "bn1": None},
+        "bn_div_layers": {"bn0": 1.0, "bn1": None, "bn2": float("nan")},
+        "bn_div": float("nan"),  # the history writes null: TensorBoard gets no point either
+        "update_norm": float("inf"),
         "flag": True,
         "count": 2,
     }
