@@ -35,7 +35,6 @@ import time
 START = time.time()  # the child's clock starts before any heavy import
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -46,16 +45,9 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-XNNPACK = "--xla_cpu_use_xnnpack=true"
+from benchmarks.plain_steps import STEP_CASES, XNNPACK  # noqa: E402
+
 TORCH_SCRIPT = Path(__file__).with_name("torch_reference.py")
-# (name, (H, W, C), widths, hidden, classes): the plain steps timed in JAX and in torch.
-STEP_CASES = (
-    ("digits 8x8x1, 32/64, fc128", (8, 8, 1), (32, 64), 128, 10),
-    ("fmnist 28x28x1, 32/64, fc128", (28, 28, 1), (32, 64), 128, 10),
-    ("28x28x1, 64/128/256, fc128", (28, 28, 1), (64, 128, 256), 128, 10),
-    ("cifar 32x32x3, 32/64, fc128", (32, 32, 3), (32, 64), 128, 100),
-    ("cifar 32x32x3, 64/128/256, fc256", (32, 32, 3), (64, 128, 256), 256, 100),
-)
 
 
 def write_workload(path: Path) -> None:
@@ -192,51 +184,6 @@ def run_child(workload: str, rounds: int, init: str = "") -> dict[str, Any]:
     }
 
 
-def step_child(batch: int, repeats: int, steps: int) -> list[dict[str, Any]]:
-    """The plain jitted step of each of torch_reference's cases, in this process's flags."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    import fedjax_bn as fb
-    from benchmarks.bench import model_and_tx, timed, yardstick
-    from fedjax_bn.data import ClientArrays
-
-    rows = []
-    for name, shape, widths, hidden, classes in STEP_CASES:
-        model = fb.SeedCNN(num_classes=classes, widths=widths, hidden=hidden)
-        x = np.random.default_rng(0).integers(0, 256, (1, batch, *shape), dtype=np.uint8)
-        y = np.zeros((1, batch), np.int32)
-        train = ClientArrays(jnp.asarray(x), jnp.asarray(y), jnp.array([batch], jnp.int32))
-        run = yardstick(model, model_and_tx()[1], train, batch)
-        other = yardstick(model, model_and_tx()[1], train, batch)  # a second client's chain
-        run(5), other(5)
-        bursts = [timed(lambda run=run: run(steps)) / steps for _ in range(repeats)]
-        pair = functools.partial(in_flight, run, other, steps)
-        pairs = [timed(pair) / 2 / steps for _ in range(repeats)]
-        rows.append(
-            {
-                "case": name,
-                "min_s": min(bursts),
-                "median_s": statistics.median(bursts),
-                "pair_min_s": min(pairs),
-            }
-        )
-    return rows
-
-
-def in_flight(run: Any, other: Any, steps: int) -> Any:
-    """``steps`` steps of each of two independent chains, one on a second host thread: what
-    the sequential executor's two client lanes do (``client_threads=2``)."""
-    import threading
-
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(other(steps)))
-    thread.start()
-    mine = run(steps)
-    thread.join()
-    return mine, out
-
-
 def spawn(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, dict]:
     """Run a child; returns (parent start time, its wall seconds, its last JSON line)."""
     start = time.time()
@@ -353,7 +300,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--init", default="", help=argparse.SUPPRESS)
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    p.add_argument("--step-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.rounds < 2 or a.repeats < 1:
         p.error(f"--rounds must be >= 2 and --repeats >= 1, got {a.rounds} and {a.repeats}")
@@ -365,7 +311,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def step_rows(a: argparse.Namespace) -> list[dict[str, Any]]:
     """Plain step per case: JAX default flags, JAX + XNNPACK, torch (when given)."""
     rows: dict[str, dict[str, Any]] = {}
-    args = [sys.executable, "-m", "benchmarks.startup", "--step-child"]
+    args = [sys.executable, "-m", "benchmarks.plain_steps"]
     for label, flags in (("jax_ms", ""), ("jax_xnnpack_ms", XNNPACK)):
         env = os.environ | {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
         for r in spawn(args, env)[2]:
@@ -390,9 +336,6 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     if a.child:
         print(json.dumps(run_child(a.child, a.rounds, a.init)))
-        return
-    if a.step_child:
-        print(json.dumps(step_child(32, 5, 20)))
         return
     results: dict[str, Any] = {"rounds": a.rounds, "flags": a.flags, "peers": a.peers}
     results["imports"] = import_profile()

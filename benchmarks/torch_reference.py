@@ -9,7 +9,8 @@ nor fedjax_bn), e.g.::
     /tmp/torchvenv/bin/python benchmarks/torch_reference.py workload --data W.npz --rounds 30
 
 ``steps`` times one plain train step (forward, cross-entropy, backward, Adam with coupled
-weight decay) of the given models (``startup.py`` passes its ``STEP_CASES``, timed in JAX too).
+weight decay) of the given models (``benchmarks/plain_steps.py``'s ``STEP_CASES``, timed in JAX
+there).
 ``workload`` is a whole federated run as a torch user writes it: FedAvg over the clients of
 ``W.npz`` (written by ``startup.py``: the very clients and test set the JAX run uses), one
 local epoch of batches of 32 per client per round, BN buffers averaged, then the test accuracy.
@@ -154,7 +155,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="steps: bursts per case")
     p.add_argument("--steps", type=int, default=20, help="steps: steps per burst")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cases", default="[]", help="steps: JSON list of startup.py's STEP_CASES")
+    p.add_argument("--cases", default="[]", help="steps: JSON list of plain_steps.py's STEP_CASES")
     p.add_argument("--no-pool", action="store_true", help="SeedCNN without max pooling")
     p.add_argument("--init", default="", help="workload: start from this .npz state dict")
     p.add_argument("--out", default="", help="init: write the initial state dict here (.npz)")

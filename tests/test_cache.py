@@ -1,5 +1,6 @@
 """The persistent compilation cache: off after ``import fedjax_bn``, on with one call, off by
-the environment, and a warm second process compiles nothing."""
+the environment, and a warm second process compiles nothing, at the first process's learning
+rate or another (hyperparameters are data: ``fedjax_bn/hyper.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 ROUND = """
+import os
 import jax, optax
 from jax import monitoring
 import fedjax_bn as fb
@@ -26,8 +28,11 @@ def listen(name, **kw):
 monitoring.register_event_listener(listen)
 print("dir", jax.config.jax_compilation_cache_dir)
 data = digits_iid(num_clients=2, seed=0)
-alg = fb.fedavg(fb.SeedCNN(num_classes=10, widths=(2,), hidden=4), optax.sgd(0.1))
+tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+alg = fb.fedavg(fb.SeedCNN(num_classes=10, widths=(2,), hidden=4), tx)
 state = alg.init(jax.random.key(0), data.train.x[0, :1], data.num_clients)
+lr = float(os.environ["LR"])
+state = fb.with_hyperparams(state, {"client.learning_rate": lr})
 rnd = fb.make_round(alg, executor="sequential", batch_size=256)
 state, _ = rnd(state, data.train, jax.random.key(1))
 jax.block_until_ready(state)
@@ -35,8 +40,8 @@ print("requests", events["requests"], "hits", events["hits"])
 """
 
 
-def run(env_value: str | None) -> dict[str, str]:
-    env = dict(os.environ)
+def run(env_value: str | None, lr: float = 0.1) -> dict[str, str]:
+    env = dict(os.environ, LR=str(lr))
     env.pop("FEDJAX_BN_COMPILATION_CACHE", None)
     if env_value is not None:
         env["FEDJAX_BN_COMPILATION_CACHE"] = env_value
@@ -54,6 +59,9 @@ def test_second_process_loads_every_program_from_the_cache(tmp_path: Path) -> No
     assert int(cold["requests"]) > 0 and int(cold["hits"]) == 0
     assert int(warm["requests"]) == int(cold["requests"])
     assert int(warm["hits"]) == int(warm["requests"])  # nothing compiled again
+    other_lr = run(cache, lr=0.03)  # a sweep's next point in a process of its own
+    assert int(other_lr["requests"]) == int(cold["requests"])
+    assert int(other_lr["hits"]) == int(other_lr["requests"])
 
 
 def test_environment_variable_turns_it_off() -> None:
