@@ -140,17 +140,38 @@ def format_grids(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return tables
 
 
+def config_order(config: dict[str, Any]) -> Any:
+    """A sort key for a run's first row: the runner's order (settings, then seeds, then
+    algorithms, as ``config`` lists them); runs it does not list come after, by name."""
+
+    def rank(names: Any, name: Any) -> tuple[int, Any]:
+        names = list(names) if isinstance(names, list | tuple) else str(names).split(",")
+        names = [str(n).strip() for n in names]
+        return (names.index(str(name)), "") if str(name) in names else (len(names), str(name))
+
+    def key(row: Row) -> tuple:
+        setting = str(row["setting"]).split("@", 1)[0]  # a sweep point's label: its setting
+        return (
+            rank(config.get("settings", ()), setting),
+            rank(config.get("seeds", ()), row["seed"]),
+            rank(config.get("algorithms", ()), row["algorithm"]),
+        )
+
+    return key
+
+
 def collect(dirs: Sequence[Path]) -> tuple[list[Row], list[Row]]:
-    """(run summaries, all rows) from every ``history/*.jsonl`` under ``dirs``; a run is
-    ``complete`` when it reached its directory's ``config.json`` rounds."""
+    """(run summaries, all rows) from every ``history/*.jsonl`` under ``dirs``, in the order
+    the runner trained them (``config_order``); a run is ``complete`` when it reached its
+    directory's ``config.json`` rounds."""
     runs, rows = [], []
     for d in dirs:
-        config = d / "config.json"
-        want = json.loads(config.read_text()).get("rounds") if config.exists() else None
-        for path in sorted((d / "history").glob("*.jsonl")):
-            run_rows = read_history(path)
-            if not run_rows:
-                continue
+        config_path = d / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        want = config.get("rounds")
+        order = config_order(config)
+        histories = [read_history(p) for p in sorted((d / "history").glob("*.jsonl"))]
+        for run_rows in sorted((h for h in histories if h), key=lambda h: order(h[0])):
             summary = run_summary(run_rows)
             summary["complete"] = want is not None and run_rows[-1]["round"] >= want
             runs.append(summary)

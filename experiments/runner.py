@@ -234,6 +234,8 @@ def validate(config: Config) -> Config:
         attacks.check(config)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if privacy.enabled(config) and config.dp.target_epsilon:  # config.json: the noise used
+        config.dp.noise_multiplier = privacy.plan(config).noise_multiplier
     for point in sweep.points(config):  # every point's values in their fields' bounds
         try:
             check_numbers(sweep.apply(config, point))

@@ -35,4 +35,6 @@ def test_dp_run_reports_epsilon_per_round_and_in_the_summary(tmp_path: Any, caps
     assert eps[-1] <= 8.0 + 1e-6
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runs"][0]["epsilon"] == pytest.approx(eps[-1])
+    written = json.loads((out / "config.json").read_text())["dp"]
+    assert written["noise_multiplier"] == pytest.approx(z)  # the calibrated noise, not 1.0
     assert "epsilon" in capsys.readouterr().out  # the table's column

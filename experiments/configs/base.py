@@ -88,7 +88,7 @@ HELP: dict[str, str] = {
     "docs/privacy.md)",
     "dp.noise_multiplier": "z: noise std z * clip on the sum of clipped updates",
     "dp.clip_norm": "L2 clip of each client's whole update (the start when adaptive)",
-    "dp.target_epsilon": "> 0: calibrate noise_multiplier to it for config.rounds",
+    "dp.target_epsilon": "> 0: calibrate noise_multiplier to it for rounds (config.json: the z)",
     "dp.delta": "0: 1 / (number of training clients)",
     "dp.q": "> 0: Poisson sampling at this rate (cohort_size: the bucket, 0: auto)",
     "dp.target_quantile": "> 0: adaptive clipping toward this quantile of update norms",
