@@ -65,7 +65,7 @@ class Attack(NamedTuple):
 
 def check(config: Config) -> None:
     """A ValueError (the runner reports it as a config error) for an attack that cannot run;
-    ``attack.fraction``'s range is checked in ``runner.BOUNDS``."""
+    ``attack.fraction``'s range is checked in ``checks.BOUNDS``."""
     a = config.attack
     if a.kind not in KINDS:
         raise ValueError(f"Unknown config.attack.kind {a.kind!r}; valid: {', '.join(KINDS)}.")

@@ -52,7 +52,7 @@ def enabled(config: Config) -> bool:
 
 def check(config: Config) -> None:
     """A ValueError (the runner reports it as a config error) for DP options that do not fit
-    together; the numbers' ranges are checked in ``runner.BOUNDS``."""
+    together; the numbers' ranges are checked in ``checks.BOUNDS``."""
     if not enabled(config):
         return
     dp = config.dp

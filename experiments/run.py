@@ -25,7 +25,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import registry, runner
+from experiments import checks, registry, runner
 from experiments.configs import base
 from fedjax_bn.execution import EXECUTORS
 
@@ -53,7 +53,7 @@ def _load(spec: str) -> ml_collections.ConfigDict:
 def _unknown_field_error(argv: Sequence[str], cause: Exception) -> runner.ConfigError:
     """A ConfigError naming the unknown ``--config.X`` fields of argv and listing the valid ones."""
     try:
-        valid = runner.field_paths(_load(_config_file(argv)))
+        valid = checks.field_paths(_load(_config_file(argv)))
     except Exception:  # the config file itself is broken: report the original error
         return runner.ConfigError(f"Bad command line: {cause}")
     given = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
@@ -121,7 +121,7 @@ def help_text(argv: Sequence[str]) -> str:
     spec = _config_file(argv)
     path = spec.partition(":")[0]
     module = runpy.run_path(path)
-    fields: dict[str, Any] = runner.flat_fields(_load(spec))
+    fields: dict[str, Any] = checks.flat_fields(_load(spec))
     meanings = field_meanings(module.get("HELP", {}), Path(path).name)
     order = {k: i for i, k in enumerate(meanings)}  # base.py's order, then the file's own
     values = {k: repr(v) for k, v in fields.items()}

@@ -15,7 +15,7 @@ import pytest
 from conftest import IMAGE_SHAPE, NUM_CLASSES, CounterModel, make_clients, sgd
 
 import fedjax_bn as fb
-from experiments import attacks, registry, run, runner
+from experiments import attacks, checks, registry, run, runner
 from experiments.configs import robust
 from fedjax_bn.algorithms.base import client_variables
 from fedjax_bn.data import FederatedData
@@ -194,7 +194,7 @@ def test_an_attacked_run_records_its_attack(tmp_path) -> None:
 
 @pytest.mark.parametrize("data", ["digits", "fashion_mnist"])
 def test_the_robust_study_configs_are_valid(data: str) -> None:
-    config = runner.validate(robust.get_config(data))
+    config = checks.validate(robust.get_config(data))
     assert "fedavg" in config.algorithms and "fedavg_median_bnavg" in config.algorithms
 
 

@@ -24,7 +24,7 @@ from conftest import (
 )
 
 import fedjax_bn as fb
-from experiments import compression, registry, report, run, runner
+from experiments import checks, compression, registry, report, run
 from fedjax_bn import compress
 
 SMOKE = str(Path(run.__file__).parent / "configs" / "smoke.py")
@@ -253,7 +253,7 @@ def test_runner_specs_name_compressors_and_bad_ones_are_config_errors(tmp_path: 
             compression.build(bad)
     argv = ["run", f"--config={SMOKE}", f"--config.out_dir={tmp_path}", "--config.rounds=1"]
     with pytest.raises(registry.ConfigError, match="fedavg\\+q17: bits must be"):
-        runner.validate(run.parse_config([*argv, "--config.algorithms=fedavg+q17"]))
+        checks.validate(run.parse_config([*argv, "--config.algorithms=fedavg+q17"]))
 
 
 def test_history_rows_hold_the_round_bytes(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import pytest
 from conftest import make_clients
 from test_runner import tiny_argv
 
-from experiments import parallel, registry, report, run, runner
+from experiments import checks, parallel, registry, report, run
 
 TIMES = {"seconds", "wall", "sec_per_round", "first_round_sec", "wall_sec"}
 RTOL, ATOL = 1e-3, 1e-5
@@ -95,7 +95,7 @@ def test_parallel_runs_write_what_separate_runs_write(tmp_path: Path) -> None:
 def test_unsupported_combinations_are_refused(extra: str, match: str, tmp_path: Path) -> None:
     config = run.parse_config(tiny_argv(tmp_path, "--config.parallel_runs=2", extra))
     with pytest.raises(registry.ConfigError, match=match):
-        runner.validate(config)
+        checks.validate(config)
 
 
 def test_only_runs_with_data_of_one_shape_are_batched(capsys) -> None:

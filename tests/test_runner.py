@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import plots, registry, report, run, runner
+from experiments import checks, plots, registry, report, run, runner
 from experiments.configs import base
 
 SMOKE = str(Path(run.__file__).parent / "configs" / "smoke.py")
@@ -53,7 +53,7 @@ def test_command_line_overrides_reach_the_config() -> None:
     assert tuple(config.seeds) == (0, 1, 2)
     assert tuple(config.model.widths) == (8, 16)
     assert config.out_dir == "/tmp/somewhere"
-    resolved = runner.validate(config)
+    resolved = checks.validate(config)
     assert resolved.algorithms == ("fedprox", "fedbn_prox")
 
 
@@ -81,7 +81,7 @@ def test_bad_value_is_a_clear_error() -> None:
 def test_unknown_name_lists_valid_names(field, value, kind, valid, tmp_path, capsys) -> None:
     argv = ["run", f"--config={SMOKE}", f"--config.{field}={value}", f"--config.out_dir={tmp_path}"]
     with pytest.raises(registry.ConfigError, match=f"Unknown {kind}.*valid {kind}s:.*{valid}"):
-        runner.validate(run.parse_config(argv))
+        checks.validate(run.parse_config(argv))
     assert run.main(argv) == 2  # the CLI prints the error, no traceback, and trains nothing
     assert f"Unknown {kind}" in capsys.readouterr().err
     assert not (tmp_path / "history").exists()
@@ -255,13 +255,13 @@ def test_bad_value_exits_2_with_one_error_line(
 def test_every_bad_number_is_named_in_the_one_error() -> None:
     config = run.parse_config(["run", f"--config={SMOKE}", "--config.rounds=0", "--config.mu=-1"])
     with pytest.raises(registry.ConfigError, match=r"config\.rounds .*; config\.mu ") as e:
-        runner.validate(config)
+        checks.validate(config)
     assert "\n" not in str(e.value)
 
 
 def test_bounds_name_real_fields() -> None:
-    fields = runner.flat_fields(base.get_config())
-    assert all(b.field in fields for b in runner.BOUNDS)
+    fields = checks.flat_fields(base.get_config())
+    assert all(b.field in fields for b in checks.BOUNDS)
 
 
 def test_cli_bad_seed_prints_one_line_and_no_traceback(tmp_path) -> None:
@@ -292,13 +292,13 @@ def test_help_shows_the_config_docstring_meanings_values_and_valid_names(capsys)
     lines = {line.split()[0]: line for line in text.splitlines() if " = " in line}
     assert "= 2" in lines["rounds"] and "rounds per run" in lines["rounds"]  # smoke's value
     assert "= 0.5" in lines["data.alpha"] and "Dirichlet" in lines["data.alpha"]
-    assert set(runner.flat_fields(run.parse_config(["run", f"--config={SMOKE}"]))) <= set(lines)
+    assert set(checks.flat_fields(run.parse_config(["run", f"--config={SMOKE}"]))) <= set(lines)
     assert "(no description)" not in text  # every field in base.py says what it means
 
 
 def test_base_help_names_every_field_once_and_nothing_else() -> None:
     """base.HELP is the one place a field's meaning lives: exactly the fields get_config sets."""
-    assert set(base.HELP) == set(runner.flat_fields(base.get_config()))
+    assert set(base.HELP) == set(checks.flat_fields(base.get_config()))
     assert all(base.HELP.values())
 
 

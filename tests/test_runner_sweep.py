@@ -9,7 +9,7 @@ import jax
 import pytest
 from test_runner import tiny_argv
 
-from experiments import history, privacy, report, run, runner, sweep, train
+from experiments import checks, history, privacy, report, run, sweep, train
 from experiments.configs import base
 
 COMPILES: list[float] = []
@@ -21,7 +21,7 @@ jax.monitoring.register_event_duration_secs_listener(
 
 
 def test_base_config_declares_every_sweepable_field() -> None:
-    fields = {k for k in runner.flat_fields(base.get_config()) if k.startswith("sweep.")}
+    fields = {k for k in checks.flat_fields(base.get_config()) if k.startswith("sweep.")}
     assert fields == {f"sweep.{f}" for f in sweep.SWEEPABLE}
     assert sweep.points(base.get_config()) == [{}]
 
