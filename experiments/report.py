@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import plots
+from experiments import plots, sweep_report
 from experiments.history import (  # noqa: F401  (re-exported: report.read_history, ...)
     BN_SOURCES,
     BUILTIN_COLUMNS,
@@ -196,6 +196,7 @@ def rebuild(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
         plots.plot_setting(out, setting, by_setting[setting])
     for table in format_grids(results):
         print("\n" + table)
+    sweep_report.write_sweeps(out, results)
     for run in runs:
         state = "complete" if run["complete"] else "INCOMPLETE"
         name = f"{run['setting']} {run['algorithm']} seed={run['seed']}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import ml_collections
 
 import fedjax_bn as fb
-from experiments import checks, parallel, plots, registry, report, sweep, train
+from experiments import checks, parallel, plots, registry, report, sweep, sweep_report, train
 from experiments.train import Seeds, derive_seeds, train_run  # noqa: F401  (re-exported)
 
 Config = ml_collections.ConfigDict
@@ -84,7 +84,8 @@ def finish(out: Path, config: Config, runs: list[report.Row], rows: list[report.
         figures += plots.plot_setting(out, setting, by_setting[setting])
     for table in report.format_grids(results):  # a sweep: one table over its points
         print("\n" + table)
-    print(f"\nPlots: {', '.join(str(p.relative_to(out)) for p in figures)}")
+    figures += sweep_report.write_sweeps(out, results)  # and a CSV and a plot over them
+    print(f"\nPlots and grids: {', '.join(str(p.relative_to(out)) for p in figures)}")
     print(f"Results in {out}")
     return summary
 

@@ -3,13 +3,14 @@ them trained with the programs the first point compiled; bad grids are one error
 
 from __future__ import annotations
 
+import csv
 import json
 
 import jax
 import pytest
 from test_runner import tiny_argv
 
-from experiments import checks, history, privacy, report, run, sweep, train
+from experiments import checks, history, privacy, report, run, sweep, sweep_report, train
 from experiments.configs import base
 
 COMPILES: list[float] = []
@@ -78,6 +79,16 @@ def test_sweep_runs_every_point_without_compiling_again(tmp_path, monkeypatch, c
     assert compiled_per_run[0] > 0 and compiled_per_run[1:] == [0, 0, 0]
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary["results"]) == sorted(labels)
+    with (out / "sweep_digits_feature_shift.csv").open() as f:  # the grid, to plot or diff
+        grid_rows = list(csv.DictReader(f))
+    assert [(r["optim.lr"], r["mu"]) for r in grid_rows] == [
+        (lr, mu) for lr in ("0.001", "0.003") for mu in ("0.001", "0.1")
+    ]
+    for r, label in zip(grid_rows, labels, strict=True):
+        want = summary["results"][label]["fedprox"]["train_loss"]["mean"]
+        assert float(r["train_loss_mean"]) == pytest.approx(want)
+    png = (out / "plots" / "sweep_digits_feature_shift.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
@@ -114,6 +125,27 @@ def test_grid_table_has_a_row_per_point_and_a_column_per_algorithm() -> None:
     assert lines[2].split() == ["grid", "point", "fedavg", "fedbn"]
     assert lines[3].split() == ["lr=0.1", "0.500", "0.700", "(c)"]
     assert lines[4].split() == ["lr=0.2", "0.250", "n/a"]
+
+
+def test_grid_rows_parse_each_point_and_fall_back_to_client_accuracy(tmp_path) -> None:
+    def stat(v: float | None) -> dict:
+        return {"mean": v, "std": None if v is None else 0.0, "values": [] if v is None else [v]}
+
+    def stats(glob: float | None, client: float, seeds: int = 1) -> dict:
+        acc = {"global_acc": stat(glob), "client_acc": stat(client)}
+        return acc | {"train_loss": stat(1.0), "seeds": list(range(seeds))}
+
+    results = {
+        "s@lr=0.1,mu=0.01": {"fedbn": stats(None, 0.7, seeds=2)},
+        "s@lr=1,mu=0.01": {"fedbn": stats(None, 0.6, seeds=2)},
+        "plain": {"fedbn": stats(None, 0.9)},
+    }
+    (rows,) = sweep_report.grid_rows(results).values()
+    assert [(r["lr"], r["mu"], r["seeds"]) for r in rows] == [(0.1, 0.01, 2), (1.0, 0.01, 2)]
+    assert sweep_report.fields_of(rows) == ["lr", "mu"]
+    assert sweep_report.accuracy_key(rows) == "client_acc"  # no global model in the grid
+    paths = sweep_report.write_sweeps(tmp_path, results)
+    assert [p.name for p in paths] == ["sweep_s.csv", "sweep_s.png"]
 
 
 def test_dp_noise_points_get_their_own_epsilons() -> None:
