@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/from_torch_cost.py --repeats 5
     PYTHONPATH=/path/to/other/checkout python benchmarks/from_torch_cost.py  # another version
 
-The model (issue 22's peers' workload): SeedCNN 32/64 without pooling + FC 128 on 8x8x1
+The model (the peer comparison's workload): SeedCNN 32/64 without pooling + FC 128 on 8x8x1
 digits, 10 classes. The parent writes a torch-layout ``state_dict`` (``nn.Sequential`` keys,
 random float32 arrays, BN running statistics and ``num_batches_tracked`` included) to an
 ``.npz``; each child imports fedjax_bn, loads it and times ``from_torch`` alone, counting the

@@ -8,7 +8,7 @@
 from torch's initial weights, the JAX side through ``fedjax_bn.interop.from_torch``, timed as
 ``from_torch_s``).
 
-The workload (issue 10's): the embedded digits, 10 clients Dirichlet 0.5, SeedCNN 32/64 + FC
+The workload: the embedded digits, 10 clients Dirichlet 0.5, SeedCNN 32/64 + FC
 128, Adam 5e-4 + coupled weight decay 1e-4, batch 32, one local epoch, FedAvg, 30 rounds, then
 the global test accuracy. The parent writes the clients to an ``.npz`` once; every child
 process (JAX here, torch in ``benchmarks/torch_reference.py``) loads that same file, so both

@@ -1,5 +1,5 @@
 """Personalization baselines next to the BN policies on the embedded digits (the study of
-docs/personalization.md, issue 26).
+docs/personalization.md).
 
 Label skew (Dirichlet 0.5) and feature shift (one image domain per client), 10 clients, 3
 seeds, the default model and optimizer (SeedCNN 32/64 + FC 128, Adam 5e-4 + coupled L2 1e-4,
