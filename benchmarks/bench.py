@@ -285,7 +285,7 @@ def table(rows: Sequence[dict], columns: Sequence[tuple] = COLUMNS, markdown: bo
         return f"| {' | '.join(cells)} |" if markdown else " ".join(cells)
 
     heads = [
-        format(h, f"{'>' if f[0] == '>' else '<'}{f.lstrip('<>').split('.')[0]}")
+        format(h, f"{'>' if f[:1] == '>' else '<'}{f.lstrip('<>').split('.')[0]}")
         for h, _, f in columns
     ]
     head = line(heads)

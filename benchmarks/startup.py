@@ -257,23 +257,12 @@ def torch_process(python: str, workload: Path, rounds: int, init: str = "") -> d
     }
 
 
-def markdown(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
-    """A markdown table of ``rows`` with (header, key, format) columns; '-' where missing."""
-    head = "| " + " | ".join(h for h, _, _ in cols) + " |"
-    rule = "|" + "---|" * len(cols)
-    body = [
-        "| " + " | ".join("-" if r.get(k) is None else format(r[k], f) for _, k, f in cols) + " |"
-        for r in rows
-    ]
-    return "\n".join([head, rule, *body])
-
-
 PROCESS_COLUMNS = [
     ("run", "run", ""),
     ("import s", "import_s", ".2f"),
     ("from_torch s", "from_torch_s", ".2f"),
-    ("programs", "programs", "d"),
-    ("compiled", "compiled", "d"),
+    ("programs", "programs", ""),
+    ("compiled", "compiled", ""),
     ("compile s", "compile_s", ".2f"),
     ("trace+lower s", "trace_lower_s", ".2f"),
     ("to 1st round s", "to_first_round_s", ".2f"),
@@ -340,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.child:
         print(json.dumps(run_child(a.child, a.rounds, a.init)))
         return
+    from benchmarks.bench import table  # not in a child: its import time is measured
+
     results: dict[str, Any] = {"rounds": a.rounds, "flags": a.flags, "peers": a.peers}
     results["imports"] = import_profile()
     rows = []
@@ -367,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, s in results["imports"]["slowest"]:
         print(f"  {s:.2f} s  {name}")
     print(f"\n{a.rounds} rounds, one row per fresh process\n")
-    print(markdown(rows, PROCESS_COLUMNS))
+    print(table(rows, PROCESS_COLUMNS, markdown=True))
     summary = {}
     for run in sorted({r["run"] for r in rows}):
         summary[run] = statistics.median(r["whole_s"] for r in rows if r["run"] == run)
@@ -387,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                 ".2f"), ("jax/torch", "jax_over_torch", ".2f"), ("xnnpack/torch",
                 "xnnpack_over_torch", ".2f"), ("2 in flight/torch", "2_threads_over_torch",
                 ".2f")]  # fmt: skip
-        print(markdown(results["steps"], cols))
+        print(table(results["steps"], cols, markdown=True))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
