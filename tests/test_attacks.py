@@ -133,6 +133,26 @@ def server_after(aggregator: Any, kind: str) -> Any:
     return state.server
 
 
+def test_an_overflowing_attack_is_dropped_like_a_non_finite_message() -> None:
+    """Scale 1e39 overflows float32: the attacker's message is quarantined after the attack,
+    so the server is the mean of the six honest clients, as if client 3 had no data."""
+    alg = fb.make_algorithm(MODEL, sgd(), policy="fedavg")
+    attacked = attacks.poisoned(alg, np.arange(7) == 3, "scale", 1e39)
+    sizes = {"attacked": (8,) * 7, "absent": (8, 8, 8, 0, 8, 8, 8)}
+    servers = {}
+    for name, algorithm in (("attacked", attacked), ("absent", alg)):
+        train = make_clients(0, sizes[name], n_max=8)  # the other clients' data are the same
+        state = algorithm.init(jax.random.key(0), SAMPLE_X, 7)
+        round_fn = fb.make_round(algorithm, executor="sequential", batch_size=4)
+        for r in range(2):
+            state, result = round_fn(state, train, jax.random.key(r))
+        servers[name] = state.server
+    got, want = float_leaves(servers["attacked"].shared), float_leaves(servers["absent"].shared)
+    assert all(np.isfinite(v).all() for v in got.values())
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-6)
+
+
 def distance(a: Any, b: Any) -> float:
     la, lb = float_leaves(a), float_leaves(b)
     return float(np.sqrt(sum(np.sum(np.square(la[p] - lb[p])) for p in la)))
