@@ -60,12 +60,13 @@ def stacked_messages(alg: fb.Algorithm, seed: int = 0) -> tuple[Any, Any]:
 def poison(kind: str, scale: float = 3.0) -> tuple[Any, Any, Any]:
     """``(server, sent, received)``: what the wrapped ``server_update`` hands the algorithm."""
     alg = fb.make_algorithm(MODEL, sgd(), policy="fedavg")
-    spy = alg._replace(server_update=lambda server, msgs, w: msgs)  # returns what it folds
+    folded = []  # what the algorithm's own server_update is handed
+    spy = alg._replace(server_update=lambda server, msgs, w: folded.append(msgs) or server)
     server, msgs = stacked_messages(alg)
     keys = jax.vmap(lambda i: jax.random.key_data(jax.random.key(i)))(jnp.arange(C))
     wrapped = attacks.poisoned(spy, BAD, kind, scale)
-    received = wrapped.server_update(server, attacks.Sent(msgs, keys), jnp.ones(C))
-    return server, msgs, received
+    wrapped.server_update(server, attacks.Sent(msgs, keys), jnp.ones(C))
+    return server, msgs, folded[-1]
 
 
 def leaves_of(tree: Any) -> dict[Any, np.ndarray]:
