@@ -19,7 +19,7 @@ variances sent as their absolute value (valid statistics a server cannot reject 
 server that averages statistics lets one client move every client's normalization.
 
 A poisoned message that is not finite (an overflowing ``attack.scale``) is dropped as the
-executors' NaN quarantine drops one (:func:`quarantined_update`), though the round's
+executors' NaN quarantine drops one (``quarantine.fold_finite``), though the round's
 ``quarantined`` column, computed before the attack rewrites the message, does not show it.
 
 Each attacker's Gaussian noise comes from the PRNG key of its last local step (a function of the
@@ -39,7 +39,7 @@ import numpy as np
 
 import fedjax_bn as fb
 from fedjax_bn.data import FederatedData
-from fedjax_bn.execution.quarantine import finite_clients, select_clients
+from fedjax_bn.execution.quarantine import finite_clients, fold_finite
 from fedjax_bn.policy import bn_moment_paths, float_leaves, with_leaves
 
 Array = jax.Array
@@ -184,20 +184,6 @@ class Sent(NamedTuple):
     key: Array
 
 
-def quarantined_update(alg: fb.Algorithm, server: Any, msg: Any, weights_C: Array) -> Any:
-    """``alg.server_update`` after the executors' NaN quarantine applied again to the poisoned
-    messages: an attack that overflows (a huge ``attack.scale``) is dropped as a non-finite
-    message would be (weight and message zeroed), never averaged into the server."""
-    ok_C = finite_clients(msg, weights_C.shape[0])
-    msg = select_clients(ok_C, msg, jax.tree.map(jnp.zeros_like, msg))
-    w_C = jnp.where(ok_C, jnp.asarray(weights_C, jnp.float32), 0.0)
-    if alg.update_empty:  # DP: its noise is released whoever took part
-        return alg.server_update(server, msg, w_C)
-    any_ok = jnp.any(w_C > 0)
-    new = alg.server_update(server, msg, jnp.where(any_ok, w_C, 1.0))
-    return jax.tree.map(lambda n, o: jnp.where(any_ok, n, o), new, server)
-
-
 def poisoned(alg: fb.Algorithm, attackers_C: np.ndarray, kind: str, scale: float) -> Any:
     """``alg`` whose attacking clients (``attackers_C``, by slot) send poisoned messages."""
     if kind not in MODEL_POISONING:
@@ -227,7 +213,9 @@ def poisoned(alg: fb.Algorithm, attackers_C: np.ndarray, kind: str, scale: float
             for f in POISONED_FIELDS
             if hasattr(msg, f) and hasattr(server, f)
         }
-        return quarantined_update(alg, server, msg._replace(**fields), weights_C)
+        poisoned_msg = msg._replace(**fields)  # quarantined again: an overflow is dropped
+        ok_C = finite_clients(poisoned_msg, len(bad_C))
+        return fold_finite(alg, server, poisoned_msg, weights_C, ok_C)
 
     stages = tuple((r, poisoned(a, bad_C, kind, scale)) for r, a in alg.stages)
     return alg._replace(

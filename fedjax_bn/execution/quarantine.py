@@ -39,6 +39,20 @@ def select_clients(ok_C: Array, new: Any, old: Any) -> Any:
     return jax.tree.map(pick, new, old)
 
 
+def fold_finite(alg: Algorithm, server: Any, messages: Any, weights_C: Array, ok_C: Array) -> Any:
+    """``alg.server_update`` over the clients in ``ok_C`` only: every other client's weight and
+    message are zeroed (so ``0 * NaN`` cannot reach the mean). With no client left the server
+    stays as it was, unless the algorithm sets ``update_empty``."""
+    messages = select_clients(ok_C, messages, jax.tree.map(jnp.zeros_like, messages))
+    w = jnp.where(ok_C, jnp.asarray(weights_C, jnp.float32), 0.0)
+    if alg.update_empty:  # e.g. DP: noise is released whether or not a client took part
+        return alg.server_update(server, messages, w)
+    any_ok = jnp.any(w > 0)
+    # With no client left, aggregate with dummy weights and keep the old server state.
+    new = alg.server_update(server, messages, jnp.where(any_ok, w, 1.0))
+    return jax.tree.map(lambda n, o: jnp.where(any_ok, n, o), new, server)
+
+
 def aggregate_round(
     alg: Algorithm,
     server: Any,
@@ -50,13 +64,5 @@ def aggregate_round(
     messages, clients, metrics = outputs
     num = weights_C.shape[0]
     ok = finite_clients((messages, clients), num) & jnp.isfinite(metrics.loss)
-    messages = select_clients(ok, messages, jax.tree.map(jnp.zeros_like, messages))
     clients = select_clients(ok, clients, old_clients)
-    w = jnp.where(ok, jnp.asarray(weights_C, jnp.float32), 0.0)
-    if alg.update_empty:  # e.g. DP: noise is released whether or not a client took part
-        return alg.server_update(server, messages, w), clients, ~ok
-    any_ok = jnp.any(ok & (w > 0))
-    # With no client left, aggregate with dummy weights and keep the old server state.
-    new = alg.server_update(server, messages, jnp.where(any_ok, w, 1.0))
-    server = jax.tree.map(lambda n, o: jnp.where(any_ok, n, o), new, server)
-    return server, clients, ~ok
+    return fold_finite(alg, server, messages, weights_C, ok), clients, ~ok
