@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import IMAGE_SHAPE, NUM_CLASSES, CounterModel, make_clients, sgd
+from test_runner import tiny_argv
 
 import fedjax_bn as fb
 from experiments import attacks, checks, registry, run, runner
@@ -24,7 +25,6 @@ from fedjax_bn.tree import flatten, repeat_clients
 
 MODEL = CounterModel()
 SAMPLE_X = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
-SMOKE = str(Path(run.__file__).parent / "configs" / "smoke.py")
 C = 5
 BAD = np.array([False, True, False, False, True])
 
@@ -169,15 +169,7 @@ def test_median_stays_closer_to_the_clean_run_than_the_mean() -> None:
 
 
 def argv(out: Path, *extra: str) -> list[str]:
-    return [
-        "run",
-        f"--config={SMOKE}",
-        f"--config.out_dir={out}",
-        "--config.settings=digits_feature_shift",
-        "--config.algorithms=fedavg,fedavg_median",
-        "--config.compilation_cache=",
-        *extra,
-    ]
+    return tiny_argv(out, *extra, algorithms="fedavg,fedavg_median")
 
 
 @pytest.mark.parametrize(

@@ -7,23 +7,14 @@ import math
 from pathlib import Path
 
 import pytest
+from test_runner import SMOKE, tiny_argv
 
 from experiments import registry, report, run, runner
-
-SMOKE = str(Path(run.__file__).parent / "configs" / "smoke.py")
 
 
 def argv(out: Path, *extra: str) -> list[str]:
     """The smoke config, one setting, one algorithm: seconds per run."""
-    return [
-        "run",
-        f"--config={SMOKE}",
-        f"--config.out_dir={out}",
-        "--config.settings=digits_feature_shift",
-        "--config.algorithms=fedavg",
-        "--config.compilation_cache=",  # no process-wide jax cache from a test
-        *extra,
-    ]
+    return tiny_argv(out, *extra, algorithms="fedavg")
 
 
 def test_resnet18_with_augmentation_and_label_smoothing_runs(tmp_path, capsys) -> None:
