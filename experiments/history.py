@@ -46,6 +46,13 @@ def clean(value: Any) -> Any:
     return x if math.isfinite(x) else None
 
 
+def split_label(label: str) -> tuple[str, str]:
+    """``(setting, point)`` of a run label: a sweep point's ``<setting>@<field>=<value>,...``
+    (``experiments/sweep.py``), or ``(label, "")`` for a run outside a sweep."""
+    setting, _, point = label.partition("@")
+    return setting, point
+
+
 def history_path(out_dir: Path, setting: str, algorithm: str, seed: int) -> Path:
     """Where one run's per-round history lives."""
     return out_dir / "history" / f"{setting}__{algorithm}__seed{seed}.jsonl"

@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 
 import fedjax_bn as fb
-from experiments import registry, sweep, train
-from experiments.history import Row
+from experiments import registry, train
+from experiments.history import Row, split_label
 from fedjax_bn.execution.lockstep import AUTO_CHUNK_SIZE
 
 Config = ml_collections.ConfigDict
@@ -78,8 +78,7 @@ def train_batched(
     config: Config, runs: Sequence[train.Run], keys: Sequence[Any], out: Path, *, resume: bool
 ) -> list[list[Row]]:
     """Train ``runs`` (seeds or points of one setting and algorithm, data of one shape) batched;
-    returns
-    each run's rows. Runs resumed at different rounds are trained one after another instead."""
+    returns each run's rows. Runs resumed at different rounds train one after another instead."""
     lives = [
         train.open_run(config, run, label, alg, out, resume=resume)
         for run, (label, _, alg) in zip(runs, keys, strict=True)
@@ -145,7 +144,7 @@ def training_order(config: Config, runs: dict[tuple[str, int, str], Any]) -> lis
         return [[key] for key in keys]
     groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
     for key in keys:
-        groups[(sweep.setting_of(key[0]), key[2])].append(key)
+        groups[(split_label(key[0])[0], key[2])].append(key)
     out = [b for g in groups.values() for b in batches(g, runs, config.parallel_runs)]
     return sorted(out, key=lambda b: keys.index(b[0]))
 

@@ -32,6 +32,7 @@ from experiments.history import (  # noqa: F401  (re-exported: report.read_histo
     run_summary,
     source_notes,
     source_tag,
+    split_label,
     write_json,
 )
 from experiments.writers import HistoryWriter  # noqa: F401  (re-exported)
@@ -122,8 +123,8 @@ def format_grids(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     a row per grid point, a column per algorithm, the final accuracy."""
     grids: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for label, per_alg in results.items():
-        setting, at, point = label.partition("@")
-        if at:
+        setting, point = split_label(label)
+        if point:
             grids[setting][point] = per_alg
     tables = []
     for setting, by_point in grids.items():
@@ -144,17 +145,14 @@ def config_order(config: dict[str, Any]) -> Any:
     """A sort key for a run's first row: the runner's order (settings, then seeds, then
     algorithms, as ``config`` lists them); runs it does not list come after, by name."""
 
-    def rank(names: Any, name: Any) -> tuple[int, Any]:
-        names = list(names) if isinstance(names, list | tuple) else str(names).split(",")
-        names = [str(n).strip() for n in names]
-        return (names.index(str(name)), "") if str(name) in names else (len(names), str(name))
+    def rank(names: list[Any], name: Any) -> tuple[int, str]:
+        return (names.index(name), "") if name in names else (len(names), str(name))
 
     def key(row: Row) -> tuple:
-        setting = str(row["setting"]).split("@", 1)[0]  # a sweep point's label: its setting
         return (
-            rank(config.get("settings", ()), setting),
-            rank(config.get("seeds", ()), row["seed"]),
-            rank(config.get("algorithms", ()), row["algorithm"]),
+            rank(config.get("settings", []), split_label(row["setting"])[0]),
+            rank(config.get("seeds", []), row["seed"]),
+            rank(config.get("algorithms", []), row["algorithm"]),
         )
 
     return key

@@ -108,11 +108,6 @@ def label(setting: str, point: Point) -> str:
     return setting + "@" + ",".join(f"{f}={v:g}" for f, v in point.items())
 
 
-def setting_of(run_label: str) -> str:
-    """The setting of a run label (:func:`label`'s inverse on the setting)."""
-    return run_label.split("@", 1)[0]
-
-
 def hyper_values(point: Point) -> dict[str, float]:
     """The point as ``fb.with_hyperparams`` names."""
     return {SWEEPABLE[f]: v for f, v in point.items()}

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.history import Row  # noqa: E402
+from experiments.history import Row, split_label  # noqa: E402
 
 Results = dict[str, dict[str, dict[str, Any]]]  # report.aggregate's {label: {alg: stats}}
 COLUMNS = ("global_acc", "client_acc", "train_loss")
@@ -40,8 +40,8 @@ def grid_rows(results: Results) -> dict[str, list[Row]]:
     values, ``algorithm``, ``seeds`` and each of :data:`COLUMNS` as ``<name>_mean/_std``."""
     out: dict[str, list[Row]] = defaultdict(list)
     for label, per_alg in results.items():
-        setting, at, point = label.partition("@")
-        if not at:
+        setting, point = split_label(label)
+        if not point:
             continue
         for alg, stats in per_alg.items():
             row: Row = {**parse_point(point), "algorithm": alg, "seeds": len(stats["seeds"])}

@@ -8,7 +8,6 @@ history writer alone is the record (it is flushed every round), the others are v
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,19 +78,14 @@ def scalars(row: Row) -> dict[str, float]:
     to ``name/layer``; missing (None) and non-finite values left out, as the history writes them
     (``history.clean``: null)."""
     out: dict[str, float] = {}
-    for key, value in row.items():
+    for key, value in clean(row).items():
         if key in NOT_SCALARS or isinstance(value, bool | str) or value is None:
             continue
         if isinstance(value, dict):
-            out.update({f"{key}/{k}": float(v) for k, v in value.items() if finite(v)})
-        elif isinstance(value, int | float) and finite(value):
+            out.update({f"{key}/{k}": float(v) for k, v in value.items() if v is not None})
+        elif isinstance(value, int | float):
             out[key] = float(value)
     return out
-
-
-def finite(value: Any) -> bool:
-    """A number that is neither None, NaN nor infinite."""
-    return value is not None and math.isfinite(float(value))
 
 
 class TensorBoardWriter:
