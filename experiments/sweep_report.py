@@ -45,9 +45,8 @@ def grid_rows(results: Results) -> dict[str, list[Row]]:
             continue
         for alg, stats in per_alg.items():
             row: Row = {**parse_point(point), "algorithm": alg, "seeds": len(stats["seeds"])}
-            for name in COLUMNS:
-                stat = stats.get(name) or {"mean": None, "std": None}
-                row[f"{name}_mean"], row[f"{name}_std"] = stat["mean"], stat["std"]
+            for name in COLUMNS:  # every run summary has them (history.FINAL_METRICS)
+                row[f"{name}_mean"], row[f"{name}_std"] = stats[name]["mean"], stats[name]["std"]
             out[setting].append(row)
     return dict(out)
 
@@ -95,12 +94,12 @@ def plot_grid(path: Path, setting: str, rows: list[Row]) -> Path:
             ax.errorbar(
                 [r[x_field] for r in line],
                 [r[f"{key}_mean"] for r in line],
-                yerr=[r[f"{key}_std"] if r["seeds"] > 1 else 0.0 for r in line],
+                yerr=[r[f"{key}_std"] for r in line],  # 0 with one seed
                 marker="o",
                 capsize=3,
                 label=label or None,
             )
-        if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
+        if min(xs) > 0 and max(xs) >= 10 * min(xs):
             ax.set_xscale("log")
         ax.set(title=alg, xlabel=x_field, ylabel=f"final {key.replace('_', ' ')}")
         ax.grid(alpha=0.3)
